@@ -1,0 +1,902 @@
+"""CORD: Bridging the Audio-Text Reasoning Gap via Weighted On-policy Cross-modal Distillation.
+
+Hu, Zhu, Luo, Zhang, He, Lei, Zheng, Feng, He, Sun, Wu, Wang. arXiv 2601.16547 (2026).
+A single-file reference implementation: one audio LLM pi_theta hears a question (x_a) and reads
+its transcript (x_t); on its own audio rollouts it is pulled towards its own text-conditioned
+predictions, token by token (weighted reverse KL, Eq. 2-7) and sequence by sequence (a judge
+reward optimised with GRPO, Eq. 8-10).
+
+    python cord.py                                   # CPU demo: tiny Qwen2-Audio, before/after table
+    python cord.py --model Qwen/Qwen2-Audio-7B-Instruct --data data/train/manifest.jsonl --output runs/cord
+    python cord.py --eval --model runs/cord/final --data data/eval/manifest.jsonl --output runs/eval
+
+Shapes: B prompts, G = N rollouts per prompt, P prompt tokens, T completion tokens, V vocabulary,
+C hidden size. A "row" is one (prompt, completion) pair; a step has B * n rows.
+
+Departures from the paper (each switchable unless noted):
+ 1. Rollouts come from our own 25-line KV-cache sampler (`sample`), not `model.generate`: one
+    audio-encoder call and one prefill per prompt are shared by all N samples of that prompt.
+ 2. The reference answer y_hat for the judge (Eq. 8) is greedy (`--ref_temperature 0`).
+ 3. `--reward_ref answer` (or `both`) uses the ground-truth answer instead of / besides y_hat.
+ 4. Eq. 7 is normalised by sum_t w_t (`--normalize weights`) so alpha = beta = 1 is exactly Eq. 3;
+    `--normalize length` divides by T instead.
+ 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient;
+    log-probs for it come from the training forward at temperature 1, even for rollouts sampled at
+    1.5 (the sampled tokens are then slightly off-policy, as in the paper's own setup).
+ 6. GRPO advantages divide by std + 1e-4 by default (`--adv_scale none`: Dr. GRPO / the paper's
+    Eq. 9 as written).
+ 7. The OPD rollout (tau = 1.0) and the N GRPO rollouts (tau = 1.5) share one prefill per prompt
+    (`--opd_rollout separate`, the paper); `--opd_rollout group` puts the token loss on the group.
+ 8. `--k_frac f` (off by default) makes K in Eq. 4 a fraction of each sequence's length, for
+    completions much shorter than the paper's 200 tokens (where K = 20 selects every token).
+ 9. Extra baselines beside the paper's ablations: `sft` (cross-entropy on y_hat from the audio
+    prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig, AutoFeatureExtractor, AutoProcessor, AutoTokenizer, HfArgumentParser
+
+import judge as judge_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments (defaults are the paper's hyperparameters)
+
+
+@dataclass
+class Args:
+    model: Optional[str] = field(default=None, metadata={"help": "local dir or hub id; none = the tiny CPU demo"})
+    data: Optional[str] = field(default=None, metadata={"help": "training manifest (JSONL), or eval manifest with --eval"})
+    eval_data: Optional[str] = field(default=None, metadata={"help": "eval manifest evaluated before/after training"})
+    output: str = field(default="runs/cord", metadata={"help": "output folder: metrics.jsonl, checkpoints, final/"})
+    eval: bool = field(default=False, metadata={"help": "only evaluate --model on --data (audio vs text accuracy)"})
+    baseline: Optional[str] = field(default=None, metadata={"help": "summary.json of the base model, for gap reduction"})
+    objective: str = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
+    teacher: str = field(default="live", metadata={"help": "live: current weights; frozen: initial weights"})
+    train: str = field(default="all", metadata={"help": "which parameters train: all | llm | audio | lora"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank with --train lora"})
+    k: int = field(default=20, metadata={"help": "K in Eq. 4: top-K positions by D_t get weight alpha"})
+    k_frac: float = field(default=0.0, metadata={"help": "if > 0: K = ceil(k_frac * T) per sequence (departure 8)"})
+    alpha: float = field(default=2.0, metadata={"help": "alpha in Eq. 4 (importance weight)"})
+    beta: float = field(default=2.0, metadata={"help": "beta in Eq. 5 (weight of the first token)"})
+    normalize: str = field(default="weights", metadata={"help": "Eq. 7 reduction: weights (sum w) | length (T)"})
+    group_size: int = field(default=4, metadata={"help": "N: GRPO rollouts per audio prompt (Eq. 9)"})
+    temperature: float = field(default=1.0, metadata={"help": "tau of the OPD rollout"})
+    grpo_temperature: float = field(default=1.5, metadata={"help": "tau of the GRPO rollouts"})
+    ref_temperature: float = field(default=0.0, metadata={"help": "tau of y_hat ~ pi(.|x_t); 0 = greedy"})
+    opd_rollout: str = field(default="separate", metadata={"help": "separate (paper) | group (token loss on the GRPO group)"})
+    max_new_tokens: int = field(default=200, metadata={"help": "max completion length T"})
+    lam: float = field(default=1.0, metadata={"help": "lambda: L = L_tok + lambda L_seq"})
+    clip_eps: float = field(default=0.2, metadata={"help": "epsilon in Eq. 10"})
+    adv_scale: str = field(default="std", metadata={"help": "Eq. 9: std (GRPO) | none (r - mean, Dr. GRPO)"})
+    grpo_reduction: str = field(default="sequence", metadata={"help": "Eq. 10: sequence (1/|y_i| then mean) | token"})
+    reward_ref: str = field(default="text", metadata={"help": "Eq. 8 reference: text (y_hat) | answer | both"})
+    judge: str = field(default="rule", metadata={"help": "rule (judge.RuleJudge) | model (judge.ModelJudge)"})
+    judge_model: Optional[str] = field(default=None, metadata={"help": "causal LM for --judge model; none = the LALM"})
+    instruction: str = field(
+        default="Solve the problem. End with: The answer is <answer>.",
+        metadata={"help": "instruction after the audio / after the transcript"},
+    )
+    system_prompt: Optional[str] = field(default=None, metadata={"help": "system prompt; none = the template's"})
+    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    batch_size: int = field(default=8, metadata={"help": "B: audio prompts per step"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    chunk_size: Optional[int] = field(default=64, metadata={"help": "positions per chunk in the exact KL (memory)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
+    eval_limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first n items"})
+    eval_batch_size: int = field(default=32, metadata={"help": "prompts per eval batch"})
+    seed: int = field(default=0, metadata={"help": "run seed"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32"})
+    device: Optional[str] = field(default=None, metadata={"help": "cuda / cpu; none = cuda if available"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and prompt adapter: any transformers audio LLM whose audio tokens are a run of one
+# placeholder token in the prompt, filled with encoder outputs. A family = one function that
+# turns Whisper features into those embeddings, flattened over the clips of the batch.
+
+
+def qwen2_audio_features(model, features, feature_mask):  # -> (sum of audio tokens, C)
+    """Qwen2-Audio: Whisper encoder (+ avg-pool) -> projector, as in its own forward()."""
+    tower = model.audio_tower
+    _, n_out = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))  # (B,)
+    n_conv = (features.shape[-1] - 2) // 2 + 1
+    pad = torch.arange(n_conv, device=features.device)[None] >= ((feature_mask.sum(-1) - 1) // 2 + 1)[:, None]
+    mask = torch.zeros(pad.shape, dtype=tower.conv1.weight.dtype, device=features.device)
+    mask = mask.masked_fill(pad, float("-inf"))[:, None, None, :].expand(-1, 1, n_conv, -1)  # (B, 1, A, A)
+    h = model.multi_modal_projector(tower(features, attention_mask=mask).last_hidden_state)  # (B, A', C)
+    keep = torch.arange(h.shape[1], device=h.device)[None] < n_out[:, None]
+    return h[keep]
+
+
+def qwen2_5_omni_features(model, features, feature_mask):  # -> (sum of audio tokens, C)
+    """Qwen2.5-Omni thinker: its encoder already ends in the projection to the LM width."""
+    return model.get_audio_features(features, feature_attention_mask=feature_mask)
+
+
+def _omni_thinker_class():
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    return Qwen2_5OmniThinkerForConditionalGeneration
+
+
+def _qwen2_audio_class():
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    return Qwen2AudioForConditionalGeneration
+
+
+# config.model_type -> (model class, audio feature function). Add a family here (README).
+AUDIO_FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "qwen2_audio": (_qwen2_audio_class, qwen2_audio_features),
+    "qwen2_5_omni": (_omni_thinker_class, qwen2_5_omni_features),  # loads the thinker only
+    "qwen2_5_omni_thinker": (_omni_thinker_class, qwen2_5_omni_features),
+}
+
+
+@dataclass
+class LALM:
+    """The model plus everything needed to build its prompts."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    feature_extractor: object
+    chat_template: str
+    audio_features: Callable
+    audio_token_id: int
+    suppress_ids: list[int]  # audio special tokens: never sampled (PAPER.md pitfalls)
+    eos_ids: list[int]
+    processor: object = None
+
+    @property
+    def base(self):  # the transformers model under a PEFT wrapper, if any
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> LALM:
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type not in AUDIO_FAMILIES:
+        raise SystemExit(
+            f"--model {path}: model type '{config.model_type}' has no audio adapter; supported: "
+            f"{', '.join(AUDIO_FAMILIES)}. Add one function to AUDIO_FAMILIES in cord.py (README: adding a family)."
+        )
+    model_class, audio_features = AUDIO_FAMILIES[config.model_type]
+    model = model_class().from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:  # the processor holds the chat template for Qwen2-Audio; Omni's needs torchvision
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, OSError, ValueError, TypeError):
+        processor = None
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    if template is None:
+        raise SystemExit(f"--model {path}: no chat template in its processor or tokenizer; add chat_template.json")
+    audio_token_id = getattr(config, "audio_token_index", None) or getattr(config, "audio_token_id", None)
+    suppress = {audio_token_id} | {i for t, i in tokenizer.get_vocab().items() if "audio" in t.lower() and t.startswith("<")}
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return LALM(model, tokenizer, feature_extractor, template, audio_features, audio_token_id,
+                sorted(suppress), sorted(e for e in eos if e is not None), processor)
+
+
+def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
+    from data_gen import to_16k
+
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types
+        raise SystemExit(f"{path}: cannot read audio ({e}); check the manifest's 'audio' field") from None
+    audio = audio.mean(1)  # mono
+    if sr != sampling_rate:
+        if sampling_rate != 16000:
+            raise SystemExit(f"{path}: sample rate {sr}, model wants {sampling_rate}; resample the data")
+        audio = to_16k(audio, sr)
+    return audio
+
+
+def read_manifest(path: str) -> list[dict]:
+    """JSONL, one example per line: id, audio (relative to the manifest), text, answer?, choices?"""
+    root, rows = Path(path).parent, []
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such manifest; make one with data_gen.py (README)")
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
+        for key in ("id", "audio", "text"):
+            if not isinstance(ex.get(key), str) or not ex[key]:
+                raise SystemExit(f"{path}:{n}: field '{key}' missing or not a string; every line needs id, audio, text")
+        ex["audio_path"] = root / ex["audio"]
+        if not ex["audio_path"].is_file():
+            raise SystemExit(f"{path}:{n}: audio file {ex['audio_path']} not found; paths are relative to the manifest")
+        rows.append(ex)
+    if not rows:
+        raise SystemExit(f"{path}: the manifest is empty")
+    return rows
+
+
+def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> str:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
+    return lalm.tokenizer.apply_chat_template(messages, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
+
+
+def _question(ex: dict) -> str:
+    choices = ex.get("choices")
+    if not choices:
+        return ex["text"]
+    if isinstance(choices, dict):
+        choices = [f"({k}) {v}" for k, v in choices.items()]
+    return ex["text"] + "\n" + "\n".join(choices)
+
+
+def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_prompt: Optional[str] = None) -> dict:
+    """x_a (audio + instruction) and x_t (transcript + the same instruction), same template.
+
+    Returns left-padded `audio_ids`/`audio_mask` (B, P_a) with the audio placeholder already
+    repeated once per encoder output, `features`/`feature_mask` (B, M, F)/(B, F), and
+    `text_ids`/`text_mask` (B, P_t).
+    """
+    tok, fe = lalm.tokenizer, lalm.feature_extractor
+    audio = [load_audio(ex["audio_path"], fe.sampling_rate) for ex in examples]
+    feats = fe(audio, sampling_rate=fe.sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    _, n_audio = lalm.base.audio_tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))  # (B,)
+    placeholder = tok.convert_ids_to_tokens(lalm.audio_token_id)
+    audio_texts, text_texts = [], []
+    for ex, n in zip(examples, n_audio.tolist()):
+        choices = "\n".join(_question(ex).split("\n")[1:])  # options stay in text for both prompts
+        a = _render(lalm, [{"type": "audio", "audio": str(ex["audio_path"])}, {"type": "text", "text": (choices + "\n" if choices else "") + instruction}], system_prompt)
+        if a.count(placeholder) != 1:
+            raise SystemExit(f"the chat template must render one {placeholder} per audio (got {a.count(placeholder)})")
+        audio_texts.append(a.replace(placeholder, placeholder * n))
+        text_texts.append(_render(lalm, [{"type": "text", "text": _question(ex) + "\n" + instruction}], system_prompt))
+    enc = lambda texts: tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    a, t = enc(audio_texts), enc(text_texts)
+    dev = lalm.device
+    return dict(audio_ids=a["input_ids"].to(dev), audio_mask=a["attention_mask"].to(dev),
+                features=feats["input_features"].to(dev, lalm.model.dtype), feature_mask=feats["attention_mask"].to(dev),
+                text_ids=t["input_ids"].to(dev), text_mask=t["attention_mask"].to(dev))
+
+
+def embed_prompts(lalm: LALM, ids, features=None, feature_mask=None):  # -> (B, P, C)
+    """Token embeddings with the audio placeholders replaced by encoder outputs (one encoder call)."""
+    x = lalm.base.get_input_embeddings()(ids)  # (B, P, C)
+    if features is None:
+        return x
+    audio = lalm.audio_features(lalm.base, features, feature_mask).to(x.dtype)  # (n_audio_tokens, C)
+    slots = (ids == lalm.audio_token_id).unsqueeze(-1).expand_as(x)
+    return x.masked_scatter(slots, audio)
+
+
+def _positions(mask):  # left padding -> positions 0.. on the real tokens (as generate() does)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_hidden(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> (B, T, C)
+    """Hidden states whose index t predicts completion token y_t (logits = lm_head of them)."""
+    P = prompt_embeds.shape[1]
+    x = torch.cat([prompt_embeds, lalm.base.get_input_embeddings()(y[:, :-1])], 1)  # (B, P+T-1, C)
+    mask = torch.cat([prompt_mask, y_mask[:, :-1].long()], 1)  # (B, P+T-1)
+    h = lalm.base.get_decoder()(inputs_embeds=x, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state
+    return h[:, P - 1:]  # (B, T, C): position P-1+t sees x_{<P} and y_{<t}
+
+
+def completion_logits(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> (B, T, V)
+    return lalm.base.get_output_embeddings()(completion_hidden(lalm, prompt_embeds, prompt_mask, y, y_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss math (Eq. 2-7). Pure functions: tensors in, tensors out; each can be copied alone.
+# Logits are aligned: index t is the distribution over completion token t; mask (B, T) is True on
+# real completion tokens (right padding).
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Exact KL over the vocabulary per row of (N, V) logits, `chunk` rows at a time in fp32.
+
+    Saves only the inputs: the backward pass recomputes the softmaxes chunk by chunk, so no
+    (N, V) fp32 intermediate outlives its chunk. Gradient flows to `s` only (t is the teacher):
+      reverse KL(p_s||p_t): dD/ds = p_s * (log p_s - log p_t - D)
+      forward KL(p_t||p_s): dD/ds = p_s - p_t
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, chunk, reverse):
+        D = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)  # (N,)
+        for i in range(0, s.shape[0], chunk):
+            ls, lt = F.log_softmax(s[i:i + chunk].float(), -1), F.log_softmax(t[i:i + chunk].float(), -1)
+            D[i:i + chunk] = (ls.exp() * (ls - lt)).sum(-1) if reverse else (lt.exp() * (lt - ls)).sum(-1)
+        ctx.save_for_backward(s, t, D)
+        ctx.chunk, ctx.reverse = chunk, reverse
+        return D
+
+    @staticmethod
+    def backward(ctx, gD):
+        s, t, D = ctx.saved_tensors
+        gs = torch.empty_like(s)
+        for i in range(0, s.shape[0], ctx.chunk):
+            ls, lt = F.log_softmax(s[i:i + ctx.chunk].float(), -1), F.log_softmax(t[i:i + ctx.chunk].float(), -1)
+            g = ls.exp() * (ls - lt - D[i:i + ctx.chunk, None]) if ctx.reverse else ls.exp() - lt.exp()
+            gs[i:i + ctx.chunk] = g * gD[i:i + ctx.chunk, None]
+        return gs, None, None, None
+
+
+def token_reverse_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> D (B, T)
+    """Eq. 2: D_t = KL(pi(.|x_a, y_<t) || sg pi(.|x_t, y_<t)), exact over V, fp32, 0 on padding.
+
+    >>> s = torch.tensor([[[0.0, 0.0]]]); t = torch.tensor([[[0.0, math.log(3)]]])
+    >>> round(token_reverse_kl(s, t, torch.ones(1, 1, dtype=torch.bool)).item(), 4)  # 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
+    0.1438
+    """
+    t = teacher_logits.detach()  # stop-gradient on the teacher
+    if chunk_size is None:
+        ls, lt = F.log_softmax(student_logits.float(), -1), F.log_softmax(t.float(), -1)  # (B, T, V)
+        D = (ls.exp() * (ls - lt)).sum(-1)  # (B, T)
+    else:
+        B, T, V = student_logits.shape
+        D = _ChunkedKL.apply(student_logits.reshape(B * T, V), t.reshape(B * T, V), chunk_size, True).view(B, T)
+    return D * mask
+
+
+def token_forward_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> (B, T)
+    """KL(sg pi_t || pi_s): the off-policy Forward-KL baseline, on text-conditioned trajectories."""
+    t = teacher_logits.detach()
+    if chunk_size is None:
+        ls, lt = F.log_softmax(student_logits.float(), -1), F.log_softmax(t.float(), -1)
+        D = (lt.exp() * (lt - ls)).sum(-1)
+    else:
+        B, T, V = student_logits.shape
+        D = _ChunkedKL.apply(student_logits.reshape(B * T, V), t.reshape(B * T, V), chunk_size, False).view(B, T)
+    return D * mask
+
+
+def importance_weights(D, mask, k=20, alpha=2.0):  # -> (B, T)
+    """Eq. 4: w_kl = alpha on the top-K positions of each sequence by detached D_t, else 1; 0 on padding.
+
+    `k` may be an int or a (B,) tensor (a K per sequence). T <= K gives alpha everywhere.
+    >>> importance_weights(torch.tensor([[0.1, 0.9, 0.5, 0.0]]), torch.tensor([[1, 1, 1, 0]]).bool(), k=1)
+    tensor([[1., 2., 1., 0.]])
+    """
+    T = D.shape[1]
+    k = torch.as_tensor(k, device=D.device).expand(D.shape[0]).clamp(max=T)  # (B,)
+    order = D.detach().masked_fill(~mask, float("-inf")).argsort(-1, descending=True)  # padding last
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=D.device).expand_as(order))  # (B, T)
+    top = (rank < k[:, None]) & mask
+    return torch.where(top, alpha, 1.0) * mask
+
+
+def position_weights(mask, beta=2.0):  # -> (B, T)
+    """Eq. 5: w_pos = beta - (beta - 1)(t - 1)/(T - 1), T = that sequence's length; 0 on padding.
+
+    >>> position_weights(torch.tensor([[1, 1, 1], [1, 0, 0]]).bool())
+    tensor([[2.0000, 1.5000, 1.0000],
+            [2.0000, 0.0000, 0.0000]])
+    """
+    L = mask.sum(-1, keepdim=True)  # (B, 1) sequence lengths
+    t = torch.arange(mask.shape[1], device=mask.device)[None]  # (1, T): t - 1 in the paper's 1-based t
+    w = beta - (beta - 1) * t / (L - 1).clamp(min=1)  # a 1-token sequence gets beta
+    return w * mask
+
+
+def cord_token_loss(student_logits, teacher_logits, mask, k=20, alpha=2.0, beta=2.0, normalize="weights", chunk_size=None):
+    """Eq. 6-7: L_tok = mean_b( sum_t w_t D_t / sum_t w_t ), w = w_kl * w_pos -> (loss, metrics).
+
+    normalize="weights" (default): alpha = beta = 1 is exactly the uniform Eq. 3.
+    normalize="length": divide by the sequence length T instead of sum_t w_t.
+    Sequences are averaged with equal weight (a per-sequence mean, as Eq. 3's E_y[(1/T) sum]).
+    """
+    D = token_reverse_kl(student_logits, teacher_logits, mask, chunk_size)  # (B, T) Eq. 2
+    w_kl = importance_weights(D, mask, k, alpha)  # (B, T) Eq. 4
+    w = w_kl * position_weights(mask, beta)  # (B, T) Eq. 6
+    denom = w.sum(-1) if normalize == "weights" else mask.sum(-1).to(w.dtype)  # (B,)
+    has = mask.any(-1)
+    per_seq = (w * D).sum(-1) / denom.clamp(min=1e-8)  # (B,)
+    loss = per_seq[has].mean() if has.any() else D.sum() * 0
+    d = D.detach()[mask].float()
+    top = (importance_weights(d.new_zeros(mask.shape).masked_scatter(mask, d), mask, k, 2.0) == 2.0) & mask
+    metrics = {"kl_mean": d.mean().item() if d.numel() else 0.0,
+               "kl_top_share": (D.detach()[top].sum() / d.sum().clamp(min=1e-12)).item(),
+               "k_eff_frac": (top.sum() / mask.sum().clamp(min=1)).item()}
+    if d.numel():
+        for q in (50, 80, 95):
+            metrics[f"kl_p{q}"] = torch.quantile(d[:1_000_000], q / 100).item()
+    return loss, metrics
+
+
+def token_logprobs(logits, y, chunk_size=None):  # -> (B, T)
+    """log pi(y_t | ...) at temperature 1, chunked over positions to bound fp32 memory."""
+    if chunk_size is None:
+        return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
+    return torch.cat([torch.log_softmax(c.float(), -1).gather(-1, yc[..., None]).squeeze(-1)
+                      for c, yc in zip(logits.split(chunk_size, 1), y.split(chunk_size, 1))], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO (Eq. 8-10)
+
+
+def grpo_advantages(rewards, group_size, scale="std", eps=1e-4):  # -> (B*G,)
+    """Eq. 9: A_i = r_i - mean(r) within each contiguous group of G rows; scale="std" also / (std + eps).
+
+    >>> grpo_advantages(torch.tensor([1., 0., 0., 0., 1., 1.]), 3, scale="none")
+    tensor([ 0.6667, -0.3333, -0.3333, -0.6667,  0.3333,  0.3333])
+    """
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    A = r - r.mean(1, keepdim=True)
+    if scale == "std":
+        A = A / (r.std(1, keepdim=True) + eps)  # unbiased std, as TRL's GRPO
+    return A.view(-1)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, eps=0.2, group_size=None, reduction="sequence"):
+    """Eq. 10: -(1/N) sum_i (1/|y_i|) sum_t min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) -> (loss, metrics).
+
+    logp, old_logp, mask: (B*G, T); advantages: (B*G,). reduction="sequence" is the paper's
+    per-sequence token mean then mean over sequences; "token" averages over all tokens (DAPO).
+    """
+    A = advantages[:, None]  # (B*G, 1)
+    rho = torch.exp(logp - old_logp.detach())  # (B*G, T)
+    surrogate = torch.min(rho * A, rho.clamp(1 - eps, 1 + eps) * A)  # (B*G, T)
+    m = mask.to(surrogate.dtype)
+    if reduction == "sequence":
+        loss = -((surrogate * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    else:
+        loss = -(surrogate * m).sum() / m.sum().clamp(min=1)
+    clipped = ((rho < 1 - eps) & (A < 0)) | ((rho > 1 + eps) & (A > 0))
+    metrics = {"clip_frac": (clipped & mask).sum().item() / max(mask.sum().item(), 1)}
+    if group_size:
+        metrics["zero_spread_frac"] = (advantages.view(-1, group_size).abs().amax(1) == 0).float().mean().item()
+    return loss, metrics
+
+
+def make_judge(args: Args, lalm: LALM):
+    """J of Eq. 8 as (judge of two completions, judge of a completion vs a ground-truth answer).
+
+    rule (default): judge.RuleJudge; model: judge.ModelJudge asking --judge_model (a causal LM) or,
+    without one, the LALM's own text path, whether two answers agree (P(yes) from next-token logits).
+    """
+    if args.judge == "rule":
+        return judge_lib.RuleJudge(), judge_lib.RuleJudge(ground_truth=True)
+    if args.judge_model:
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(args.judge_model, trust_remote_code=args.trust_remote_code)
+        mj = judge_lib.ModelJudge(lm.to(lalm.device), AutoTokenizer.from_pretrained(args.judge_model))
+    else:
+        mj = judge_lib.ModelJudge(lalm.base, lalm.tokenizer)  # the LALM's text path: no audio in the prompt
+    return mj, mj
+
+
+def rewards_for(judges, completions: list[str], refs: list, answers: list, mode: str) -> torch.Tensor:
+    """Eq. 8: r_i = J(y_i, y_hat) in {0, 1}. mode answer: J(y_i, ground truth); both: the two must agree.
+
+    Rows without a ground-truth answer fall back to y_hat.
+    """
+    judge_text, judge_gt = judges
+    r_text = judge_text(completions, refs) if mode != "answer" else [None] * len(completions)
+    if mode == "text":
+        return torch.tensor(r_text, dtype=torch.float32)
+    r = []
+    for c, ref, a, rt in zip(completions, refs, answers, r_text):
+        if a is None:
+            if rt is None:
+                raise SystemExit("--reward_ref answer: an example has no 'answer'; use --reward_ref text or both")
+            r.append(rt)
+        else:
+            rg = judge_gt([c], [str(a)])[0]
+            r.append(rg if mode == "answer" else min(rg, rt))
+    return torch.tensor(r, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+
+
+@torch.no_grad()
+def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int):
+    """y ~ pi(.|x): n samples per prompt from ONE prefill (KV cache repeated n times).
+
+    temperature: a float or a list of n floats (row j of each prompt uses temperature[j]); 0 = greedy.
+    Returns y (B*n, T) and its mask (B*n, T), True up to and including EOS.
+    """
+    decoder, head = lalm.base.get_decoder(), lalm.base.get_output_embeddings()
+    pos = _positions(prompt_mask)  # (B, P)
+    out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)  # share the prompt encoding across the n samples
+    h = out.last_hidden_state[:, -1].repeat_interleave(n, 0)  # (B*n, C)
+    mask = prompt_mask.repeat_interleave(n, 0)  # (B*n, P)
+    pos = pos[:, -1:].repeat_interleave(n, 0)  # (B*n, 1)
+    taus = torch.tensor([temperature] * n if isinstance(temperature, (int, float)) else temperature, device=h.device)
+    tau = taus.repeat(prompt_embeds.shape[0])[:, None].float()  # (B*n, 1)
+    eos = torch.tensor(lalm.eos_ids, device=h.device)
+    pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
+    done = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+    ys, alive = [], []
+    for _ in range(max_new_tokens):
+        logits = head(h).float()  # (B*n, V)
+        logits[:, lalm.suppress_ids] = float("-inf")
+        probs = torch.softmax(logits / tau.clamp(min=1e-5), -1)
+        y = torch.where(tau[:, 0] > 0, torch.multinomial(probs, 1)[:, 0], logits.argmax(-1))  # (B*n,)
+        y = y.masked_fill(done, pad)
+        ys.append(y), alive.append(~done)
+        done = done | torch.isin(y, eos)
+        if done.all():
+            break
+        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+        h = decoder(input_ids=y[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True).last_hidden_state[:, -1]
+    return torch.stack(ys, 1), torch.stack(alive, 1)
+
+
+def decode(lalm: LALM, y, y_mask) -> list[str]:
+    return lalm.tokenizer.batch_decode([row[m].tolist() for row, m in zip(y, y_mask)], skip_special_tokens=True)
+
+
+def pad_cat(tensors, value):  # right-pad (R_i, T_i) tensors to a common T and stack rows
+    T = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (0, T - t.shape[1]), value=value) for t in tensors], 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+
+def configure_trainable(lalm: LALM, args: Args) -> list:
+    """--train all | llm | audio (encoder + projector) | lora (PEFT adapters on the LM)."""
+    if args.train == "lora":
+        from peft import LoraConfig, get_peft_model  # optional dependency
+
+        target = r"^(?!.*(audio_tower|visual)).*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+        lalm.model = get_peft_model(lalm.model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=target))
+    else:
+        for name, p in lalm.model.named_parameters():
+            is_audio = "audio_tower" in name or "multi_modal_projector" in name
+            p.requires_grad_({"all": "visual" not in name, "llm": not is_audio and "visual" not in name, "audio": is_audio}[args.train])
+    return [p for p in lalm.model.parameters() if p.requires_grad]
+
+
+class Teacher:
+    """sg[pi(.|x_t, y_<t)]: no gradient, eval mode. live = current weights; frozen = initial weights."""
+
+    def __init__(self, lalm: LALM, mode: str):
+        self.lalm, self.mode, self.copy = lalm, mode, None
+        if mode == "frozen" and not hasattr(lalm.model, "disable_adapter"):
+            import copy
+
+            self.copy = copy.deepcopy(lalm.model).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def logits(self, text_ids, text_mask, y, y_mask):  # -> (R, T, V)
+        lalm = self.lalm if self.copy is None else LALM(**{**self.lalm.__dict__, "model": self.copy})
+        was_training = lalm.model.training
+        lalm.model.eval()  # no dropout in the teacher
+        with lalm.model.disable_adapter() if self.mode == "frozen" and self.copy is None else _nullcontext():
+            out = completion_logits(lalm, embed_prompts(lalm, text_ids), text_mask, y, y_mask)
+        lalm.model.train(was_training)
+        return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sync_time(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: Args) -> tuple[torch.Tensor, dict]:
+    """One CORD step on B audio prompts: rollouts -> teacher -> student -> L = L_tok + lambda L_seq."""
+    obj, G, dev = args.objective, args.group_size, lalm.device
+    use_tok, use_seq = obj in ("cord", "opd", "opd+grpo"), obj in ("cord", "grpo", "opd+grpo")
+    alpha, beta = (args.alpha, args.beta) if obj == "cord" else (1.0, 1.0)  # opd, opd+grpo: uniform Eq. 3
+    tm, clock = {}, _sync_time(dev)
+    P = build_prompts(lalm, examples, args.instruction, args.system_prompt)
+    B = len(examples)
+    lalm.model.train()
+    x_a = embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])  # (B, P_a, C): the one encoder call
+    m_a = P["audio_mask"]
+
+    # --- rollouts from the audio prompt (eval mode, no grad), one prefill per prompt
+    lalm.model.eval()
+    with torch.no_grad():
+        x_t = embed_prompts(lalm, P["text_ids"])  # (B, P_t, C)
+        separate = use_tok and use_seq and args.opd_rollout == "separate"
+        taus = ([args.temperature] if use_tok and (separate or not use_seq) else []) + ([args.grpo_temperature] * G if use_seq else [])
+        rows = {}  # name -> (y, mask): "tok" rows carry L_tok, "seq" rows L_seq, "ref" rows sft / fkl
+        if taus:
+            y, y_mask = sample(lalm, x_a.detach(), m_a, len(taus), taus, args.max_new_tokens)  # (B*n, T)
+            y, y_mask = y.view(B, len(taus), -1), y_mask.view(B, len(taus), -1)  # row 0 = OPD row if separate
+            if use_seq:
+                rows["seq"] = (y[:, -G:].flatten(0, 1), y_mask[:, -G:].flatten(0, 1))  # (B*G, T)
+            if use_tok:
+                rows["tok"] = (y[:, 0], y_mask[:, 0]) if separate or not use_seq else rows["seq"]
+        need_ref = obj in ("sft", "fkl") or (use_seq and args.reward_ref != "answer")
+        if need_ref:
+            tau_ref = args.temperature if obj == "fkl" else args.ref_temperature  # fkl: y ~ pi(.|x_t)
+            y_hat, y_hat_mask = sample(lalm, x_t, P["text_mask"], 1, tau_ref, args.max_new_tokens)  # (B, T)
+            if obj in ("sft", "fkl"):
+                rows["ref"] = (y_hat, y_hat_mask)
+    tm["t_rollout"], clock = _sync_time(dev) - clock, _sync_time(dev)
+
+    # --- judge rewards (Eq. 8) and group advantages (Eq. 9)
+    metrics = {}
+    if use_seq:
+        completions = decode(lalm, *rows["seq"])
+        refs = decode(lalm, y_hat, y_hat_mask) if need_ref else [None] * B
+        r = rewards_for(judge, completions, [x for x in refs for _ in range(G)],
+                        [ex.get("answer") for ex in examples for _ in range(G)], args.reward_ref).to(dev)
+        A = grpo_advantages(r, G, args.adv_scale)  # (B*G,)
+        metrics.update(reward_mean=r.mean().item(), completion_len=rows["seq"][1].sum(-1).float().mean().item())
+    tm["t_judge"], clock = _sync_time(dev) - clock, _sync_time(dev)
+
+    # --- teacher pass: text prompt, same completion tokens, no grad
+    t_logits = None
+    if "tok" in rows or obj == "fkl":
+        yt, mt = rows["tok"] if "tok" in rows else rows["ref"]
+        reps = yt.shape[0] // B
+        t_logits = teacher.logits(P["text_ids"].repeat_interleave(reps, 0), P["text_mask"].repeat_interleave(reps, 0), yt, mt)
+    tm["t_teacher"], clock = _sync_time(dev) - clock, _sync_time(dev)
+
+    # --- student pass: one forward over every row that carries a loss
+    lalm.model.train()
+    names = [n for n in ("tok", "seq", "ref") if n in rows and not (n == "seq" and rows.get("tok") is rows["seq"])]
+    ys = [rows[n][0] for n in names]
+    reps = [y.shape[0] // B for y in ys]
+    pad = lalm.tokenizer.pad_token_id or 0
+    s_logits = completion_logits(lalm, torch.cat([x_a.repeat_interleave(r, 0) for r in reps]),
+                                 torch.cat([m_a.repeat_interleave(r, 0) for r in reps]),
+                                 pad_cat(ys, pad), pad_cat([rows[n][1] for n in names], False))  # (R, T, V)
+    offsets = dict(zip(names, np.cumsum([0] + [y.shape[0] for y in ys]).tolist()))
+    view = lambda n: s_logits[offsets[n]:offsets[n] + rows[n][0].shape[0], :rows[n][0].shape[1]]  # (R_n, T_n, V)
+    loss = s_logits.new_zeros(())
+    if use_tok:
+        y_tok, m_tok = rows["tok"]
+        kk = torch.ceil(args.k_frac * m_tok.sum(-1)).long().clamp(min=1) if args.k_frac > 0 else args.k
+        L_tok, tok_metrics = cord_token_loss(view("tok"), t_logits, m_tok, kk, alpha, beta, args.normalize, args.chunk_size)
+        loss = loss + L_tok  # Eq. 7
+        metrics.update(loss_tok=L_tok.item(), **tok_metrics)
+    if use_seq:
+        y_seq, m_seq = rows["seq"]
+        logp = token_logprobs(view("seq" if "seq" in names else "tok"), y_seq, args.chunk_size)  # (B*G, T) from the same student forward
+        L_seq, seq_metrics = grpo_loss(logp, logp.detach(), A, m_seq, args.clip_eps, G, args.grpo_reduction)  # Eq. 10
+        loss = loss + args.lam * L_seq  # L_CORD = L_tok + lambda L_seq
+        metrics.update(loss_seq=L_seq.item(), **seq_metrics)
+    if obj == "sft":
+        y_ref, m_ref = rows["ref"]
+        nll = -(token_logprobs(view("ref"), y_ref, args.chunk_size) * m_ref).sum(-1) / m_ref.sum(-1).clamp(min=1)
+        loss = loss + nll.mean()
+        metrics.update(loss_sft=nll.mean().item())
+    if obj == "fkl":
+        y_ref, m_ref = rows["ref"]
+        D = token_forward_kl(view("ref"), t_logits, m_ref, args.chunk_size)
+        L = (D.sum(-1) / m_ref.sum(-1).clamp(min=1)).mean()
+        loss = loss + L
+        metrics.update(loss_fkl=L.item())
+    loss.backward()
+    tm["t_student"] = _sync_time(dev) - clock
+    metrics.update(loss=loss.item(), **tm)
+    return loss.detach(), metrics
+
+
+def batch_at(n_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of step `step`: epoch-wise permutations fixed by the seed, so a resumed run sees the same batches."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(i, n_examples)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_examples)[j]))
+    return out
+
+
+def save_checkpoint(lalm: LALM, opt, step: int, args: Args) -> Path:
+    """Write checkpoint-<step> into a temporary folder, then rename: a crash never leaves half a checkpoint."""
+    out = Path(args.output)
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lalm.model.save_pretrained(tmp, safe_serialization=True)
+    for part in (lalm.processor or lalm.tokenizer, lalm.feature_extractor):
+        part.save_pretrained(tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=1))  # written last
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def last_checkpoint(output: str) -> Optional[Path]:
+    """The newest complete checkpoint; incomplete or corrupted ones are reported and skipped."""
+    for ckpt in sorted(Path(output).glob("checkpoint-*"), reverse=True):
+        try:
+            step = json.loads((ckpt / "state.json").read_text())["step"]
+            assert step == int(ckpt.name.split("-")[1]) and (ckpt / "optimizer.pt").is_file()
+            assert any(ckpt.glob("*.safetensors"))
+            return ckpt
+        except (OSError, ValueError, KeyError, AssertionError):
+            print(f"skipping {ckpt}: incomplete or corrupted checkpoint", file=sys.stderr)
+    return None
+
+
+def load_checkpoint(lalm: LALM, opt, ckpt: Path) -> int:
+    from safetensors.torch import load_file
+
+    if hasattr(lalm.model, "disable_adapter"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(lalm.model, load_file(ckpt / "adapter_model.safetensors"))
+    else:
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        if (ckpt / "model.safetensors").is_file():
+            missing, unexpected = lalm.model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+            tied = set(getattr(lalm.model, "_tied_weights_keys", None) or [])
+            if unexpected or set(missing) - tied:
+                raise SystemExit(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        else:
+            load_sharded_checkpoint(lalm.model, ckpt, strict=False)
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=lalm.device, weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())["step"]
+
+
+def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
+    """The flat loop: batch -> train_step -> clip -> AdamW; a JSON line of metrics per step."""
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    params = configure_trainable(lalm, args)
+    if args.gradient_checkpointing:
+        lalm.model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    teacher = Teacher(lalm, args.teacher)
+    judge = make_judge(args, lalm) if args.objective in ("cord", "grpo", "opd+grpo") else None
+    start = 0
+    if args.resume and (ckpt := last_checkpoint(args.output)):
+        start = load_checkpoint(lalm, opt, ckpt)
+        print(f"resumed from {ckpt} at step {start}")
+    torch.manual_seed(args.seed) if start == 0 else None
+    log = open(out / "metrics.jsonl", "a")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.objective}", dynamic_ncols=True)
+    for step in bar:
+        clock = time.perf_counter()
+        batch = [examples[i] for i in batch_at(len(examples), step, args.batch_size, args.seed)]
+        opt.zero_grad(set_to_none=True)
+        _, m = train_step(lalm, teacher, judge, batch, args)
+        t0 = _sync_time(lalm.device)
+        m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        opt.step()
+        m["t_optimizer"] = _sync_time(lalm.device) - t0
+        m.update(step=step + 1, t_step=time.perf_counter() - clock)
+        log.write(json.dumps(m) + "\n"), log.flush()
+        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(lalm, opt, step + 1, args)
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    model = lalm.model.merge_and_unload() if hasattr(lalm.model, "merge_and_unload") else lalm.model
+    model.save_pretrained(final, safe_serialization=True)
+    for part in (lalm.processor or lalm.tokenizer, lalm.feature_extractor):
+        part.save_pretrained(final)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: every item answered twice (audio, text), greedily; the token-KL analysis of Fig. 3
+
+
+@torch.no_grad()
+def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None, baseline: Optional[dict] = None) -> dict:
+    """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics."""
+    rule = judge_lib.RuleJudge(ground_truth=True)
+    lalm.model.eval()
+    items, D_all, D_pos, tok_kl = [], [], {}, {}
+    for i in tqdm(range(0, len(examples), args.eval_batch_size), desc="eval", dynamic_ncols=True):
+        batch = examples[i:i + args.eval_batch_size]
+        P = build_prompts(lalm, batch, args.instruction, args.system_prompt)
+        x_a = embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+        x_t = embed_prompts(lalm, P["text_ids"])
+        y_a, m_a = sample(lalm, x_a, P["audio_mask"], 1, 0.0, args.max_new_tokens)  # greedy, (B, T)
+        y_t, m_t = sample(lalm, x_t, P["text_mask"], 1, 0.0, args.max_new_tokens)
+        D = token_reverse_kl(completion_logits(lalm, x_a, P["audio_mask"], y_a, m_a),  # Eq. 2 on the audio rollout
+                             completion_logits(lalm, x_t, P["text_mask"], y_a, m_a), m_a, args.chunk_size)
+        for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
+            answer = None if ex.get("answer") is None else str(ex["answer"])
+            score = (lambda c: bool(rule([c], [answer])[0])) if answer is not None else (lambda c: None)
+            d = d[m].float().cpu()
+            D_all.append(d)
+            for t, (v, tok) in enumerate(zip(d.tolist(), y[m].tolist())):
+                D_pos.setdefault(t, []).append(v)
+                tok_kl.setdefault(tok, []).append(v)
+            items.append({"id": ex["id"], "answer": answer, "audio_completion": ca, "text_completion": ct,
+                          "audio_correct": score(ca), "text_correct": score(ct), "kl_mean": d.mean().item() if len(d) else 0.0})
+    scored = [it for it in items if it["answer"] is not None]
+    acc = lambda key: 100.0 * sum(bool(it[key]) for it in scored) / max(len(scored), 1)
+    s = {"n": len(items), "n_scored": len(scored), "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
+    s["gap"] = s["acc_text"] - s["acc_audio"]
+    if baseline and baseline.get("gap"):
+        s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
+    D = torch.cat(D_all) if D_all else torch.zeros(1)
+    s.update({f"kl_p{q}": torch.quantile(D, q / 100).item() for q in (50, 80, 95)}, kl_mean=D.mean().item())
+    s["kl_by_position"] = [float(np.mean(D_pos[t])) for t in sorted(D_pos) if len(D_pos[t]) >= 5]
+    pos = torch.tensor([float(t) for t in sorted(D_pos) for _ in D_pos[t]])
+    s["kl_position_corr"] = float(np.corrcoef(pos, torch.tensor([v for t in sorted(D_pos) for v in D_pos[t]]))[0, 1]) if len(pos) > 2 else 0.0
+    top = sorted(((np.mean(v), t) for t, v in tok_kl.items() if len(v) >= 5), reverse=True)[:15]
+    s["top_kl_tokens"] = [[lalm.tokenizer.decode([t]), round(float(v), 4)] for v, t in top]
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(out_dir) / "items.jsonl", "w") as f:
+            f.writelines(json.dumps(it) + "\n" for it in items)
+        (Path(out_dir) / "summary.json").write_text(json.dumps(s, indent=1))
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def setup(args: Args) -> LALM:
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    return load_lalm(args.model, dtype, device, args.trust_remote_code)
+
+
+def main(argv=None):
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    if args.objective not in ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl"):
+        raise SystemExit(f"--objective {args.objective}: choose cord, opd, grpo, opd+grpo, sft or fkl")
+    if args.model is None:
+        raise SystemExit("the tiny CPU demo is not built yet: pass --model")
+    lalm = setup(args)
+    if args.eval:
+        base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+        data = read_manifest(args.data)[: args.eval_limit]
+        s = evaluate(lalm, data, args, args.output, base)
+        print(json.dumps({k: v for k, v in s.items() if not isinstance(v, list)}, indent=1))
+        return s
+    if args.data is None:
+        raise SystemExit("--data: give a training manifest (JSONL; see README) or use --eval")
+    final = train(lalm, read_manifest(args.data), args)
+    print(f"saved {final}")
+    return final
+
+
+if __name__ == "__main__":
+    main()
