@@ -329,9 +329,10 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, chunk, reverse):
-        D = torch.empty(s.shape[0], dtype=torch.float32, device=s.device)  # (N,)
+        fp = torch.promote_types(s.dtype, torch.float32)  # fp32 math (fp64 stays fp64)
+        D = torch.empty(s.shape[0], dtype=fp, device=s.device)  # (N,)
         for i in range(0, s.shape[0], chunk):
-            ls, lt = F.log_softmax(s[i:i + chunk].float(), -1), F.log_softmax(t[i:i + chunk].float(), -1)
+            ls, lt = F.log_softmax(s[i:i + chunk].to(fp), -1), F.log_softmax(t[i:i + chunk].to(fp), -1)
             D[i:i + chunk] = (ls.exp() * (ls - lt)).sum(-1) if reverse else (lt.exp() * (lt - ls)).sum(-1)
         ctx.save_for_backward(s, t, D)
         ctx.chunk, ctx.reverse = chunk, reverse
@@ -342,7 +343,7 @@ class _ChunkedKL(torch.autograd.Function):
         s, t, D = ctx.saved_tensors
         gs = torch.empty_like(s)
         for i in range(0, s.shape[0], ctx.chunk):
-            ls, lt = F.log_softmax(s[i:i + ctx.chunk].float(), -1), F.log_softmax(t[i:i + ctx.chunk].float(), -1)
+            ls, lt = F.log_softmax(s[i:i + ctx.chunk].to(D.dtype), -1), F.log_softmax(t[i:i + ctx.chunk].to(D.dtype), -1)
             g = ls.exp() * (ls - lt - D[i:i + ctx.chunk, None]) if ctx.reverse else ls.exp() - lt.exp()
             gs[i:i + ctx.chunk] = g * gD[i:i + ctx.chunk, None]
         return gs, None, None, None
