@@ -50,7 +50,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoConfig, AutoFeatureExtractor, AutoProcessor, AutoTokenizer, HfArgumentParser
+from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer, HfArgumentParser, PretrainedConfig
 
 import judge as judge_lib
 
@@ -179,14 +179,18 @@ class LALM:
 
 
 def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> LALM:
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if config.model_type not in AUDIO_FAMILIES:
+    try:  # read model_type from config.json (AutoConfig does not know e.g. qwen2_5_omni_thinker)
+        model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+    except OSError as e:
+        raise SystemExit(f"--model {path}: cannot read its config.json ({e})") from None
+    if model_type not in AUDIO_FAMILIES:
         raise SystemExit(
-            f"--model {path}: model type '{config.model_type}' has no audio adapter; supported: "
+            f"--model {path}: model type '{model_type}' has no audio adapter; supported: "
             f"{', '.join(AUDIO_FAMILIES)}. Add one function to AUDIO_FAMILIES in cord.py (README: adding a family)."
         )
-    model_class, audio_features = AUDIO_FAMILIES[config.model_type]
+    model_class, audio_features = AUDIO_FAMILIES[model_type]
     model = model_class().from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    config = model.config
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     feature_extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:  # the processor holds the chat template for Qwen2-Audio; Omni's needs torchvision

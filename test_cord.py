@@ -208,3 +208,234 @@ def test_grpo_loss_vs_slow_loop_with_clipping():
     g1, logp.grad = logp.grad.clone(), None
     (-sum(A[i] * logp[i, mask[i]].mean() for i in range(4)) / 4).backward()
     torch.testing.assert_close(g1, logp.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) the whole method on tiny models of the real architectures, with real speech
+
+
+QUESTIONS = [("What is two plus three?", "5"), ("What is seven minus four?", "3"), ("What is six plus one?", "7"),
+             ("What is nine minus five?", "4"), ("What is eight plus two?", "10"), ("What is three plus three?", "6")]
+
+
+@pytest.fixture(scope="session")
+def speech_data(tmp_path_factory):
+    """A manifest of real TTS speech (hibari, installed from PyPI by CI)."""
+    import data_gen
+
+    root = tmp_path_factory.mktemp("speech")
+    (root / "wavs").mkdir()
+    rows = []
+    for i, (q, a) in enumerate(QUESTIONS):
+        audio, sr = data_gen.synthesize(q, "hibari")
+        sf.write(root / f"wavs/q{i}.wav", data_gen.to_16k(audio, sr), 16000, subtype="PCM_16")
+        rows.append({"id": f"q{i}", "audio": f"wavs/q{i}.wav", "text": q, "answer": a})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "manifest.jsonl"
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio_dir(tmp_path_factory):
+    from tiny_lalm import build_model, build_processor
+
+    corpus = [q for q, _ in QUESTIONS] * 10 + [f"The answer is {a}." for _, a in QUESTIONS] * 10
+    processor = build_processor(corpus, vocab_size=300)
+    model = build_model(processor, d_audio=32, audio_layers=1, d_text=64, text_layers=2, seed=0)
+    path = tmp_path_factory.mktemp("qwen2_audio")
+    model.save_pretrained(path), processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def omni_dir(tmp_path_factory, qwen2_audio_dir):
+    """A tiny Qwen2.5-Omni thinker, saved with tokenizer + feature extractor (no processor: torchvision)."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
+    fe = AutoFeatureExtractor.from_pretrained(qwen2_audio_dir)
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=fe.feature_size, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, output_dim=64, n_window=50, max_source_positions=fe.nb_max_frames // 2),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "default", "mrope_section": [2, 3, 3]}),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
+        audio_start_token_id=tok.convert_tokens_to_ids("<|audio_bos|>"),
+        audio_end_token_id=tok.convert_tokens_to_ids("<|audio_eos|>"),
+        vision_start_token_id=tok.pad_token_id, vision_end_token_id=tok.pad_token_id,  # unused: no images
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    path = tmp_path_factory.mktemp("omni")
+    model.save_pretrained(path), tok.save_pretrained(path), fe.save_pretrained(path)
+    return path
+
+
+def lalm_and_batch(model_dir, manifest, n=3):
+    lalm = cord.load_lalm(str(model_dir))
+    examples = cord.read_manifest(str(manifest))[:n]
+    return lalm, examples, cord.build_prompts(lalm, examples, Args.instruction)
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", "omni"])
+def test_aligned_completion_logits_equal_per_prefix_forward(family, speech_data, qwen2_audio_dir, omni_dir):
+    """Both prompts' completion logits, aligned on the same tokens, equal the model's own forward
+    on each prefix fed alone (no padding, the model's own audio merge and positions)."""
+    lalm, examples, P = lalm_and_batch(qwen2_audio_dir if family == "qwen2_audio" else omni_dir, speech_data)
+    lalm.model.eval()
+    torch.manual_seed(0)
+    x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+    y, m = cord.sample(lalm, x_a, P["audio_mask"], 1, 1.0, 6)  # (3, T), right-padded
+    m[1, 3:] = False  # make one completion shorter
+    with torch.no_grad():
+        s = cord.completion_logits(lalm, x_a, P["audio_mask"], y, m)  # (3, T, V)
+        t = cord.completion_logits(lalm, cord.embed_prompts(lalm, P["text_ids"]), P["text_mask"], y, m)
+        for b in range(3):
+            a_ids = P["audio_ids"][b, P["audio_mask"][b].bool()]
+            t_ids = P["text_ids"][b, P["text_mask"][b].bool()]
+            for i in range(int(m[b].sum())):
+                ids = torch.cat([a_ids, y[b, :i]])[None]
+                ref = lalm.model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=P["features"][b:b + 1],
+                                 feature_attention_mask=P["feature_mask"][b:b + 1]).logits[0, -1]
+                torch.testing.assert_close(s[b, i], ref, atol=1e-4, rtol=1e-4)
+                ids = torch.cat([t_ids, y[b, :i]])[None]
+                torch.testing.assert_close(t[b, i], lalm.model(input_ids=ids).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_sampler_equals_generate_and_suppresses_audio_tokens(speech_data, qwen2_audio_dir):
+    lalm, examples, P = lalm_and_batch(qwen2_audio_dir, speech_data)
+    lalm.model.eval()
+    x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+    y, m = cord.sample(lalm, x_a, P["audio_mask"], 2, 0.0, 8)  # (6, T): 2 greedy copies per prompt
+    ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], input_features=P["features"],
+                              feature_attention_mask=P["feature_mask"], max_new_tokens=8, do_sample=False,
+                              suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids, pad_token_id=lalm.tokenizer.pad_token_id)
+    ref = ref[:, P["audio_ids"].shape[1]:]
+    for b in range(3):
+        for j in range(2):
+            row = y[2 * b + j][m[2 * b + j]]
+            assert row.tolist() == ref[b, :len(row)].tolist()
+    # make the audio placeholder the most likely token: it must still never be sampled
+    head = lalm.model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[lalm.audio_token_id] = head.weight.mean(0) * 0 + 50 * lalm.model.get_decoder().norm.weight
+        y, m = cord.sample(lalm, x_a, P["audio_mask"], 4, 1.5, 8)
+    assert not torch.isin(y[m], torch.tensor(lalm.suppress_ids)).any()
+
+
+def run_main(tmp_path, model_dir, manifest, *extra, steps=2):
+    argv = ["--model", str(model_dir), "--data", str(manifest), "--output", str(tmp_path / "run"), "--steps", str(steps),
+            "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "6", "--lr", "1e-3", "--chunk_size", "4", *extra]
+    return cord.main(argv)
+
+
+@pytest.mark.parametrize("objective", ["cord", "opd", "grpo", "opd+grpo", "sft", "fkl"])
+def test_every_objective_trains_on_tiny_qwen2_audio(objective, tmp_path, speech_data, qwen2_audio_dir, monkeypatch):
+    seen = {}
+    real_logits = cord.Teacher.logits
+
+    real_completion_logits = cord.completion_logits
+
+    def inner(lalm, *a):  # what the teacher's forward sees
+        seen["grad"], seen["training"] = torch.is_grad_enabled(), lalm.model.training
+        return real_completion_logits(lalm, *a)
+
+    def spy(self, *a):  # the teacher pass runs without grad, in eval mode
+        with monkeypatch.context() as mp:
+            mp.setattr(cord, "completion_logits", inner)
+            out = real_logits(self, *a)
+        seen["requires_grad"] = out.requires_grad
+        return out
+
+    monkeypatch.setattr(cord.Teacher, "logits", spy)
+    before = cord.load_lalm(str(qwen2_audio_dir)).model.state_dict()
+    final = run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", objective, "--train", "llm",
+                     "--reward_ref", "answer" if objective == "grpo" else "text")
+    after = cord.load_lalm(str(final)).model.state_dict()
+    lines = [json.loads(l) for l in open(tmp_path / "run/metrics.jsonl")]
+    assert len(lines) == 2 and all(math.isfinite(l["loss"]) for l in lines)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all("audio_tower" not in k and "projector" not in k for k in changed)  # --train llm: audio frozen
+    if objective != "grpo":  # GRPO alone may see only equal rewards (zero advantage) on an untrained model
+        assert any("language_model" in k for k in changed)
+    if objective in ("cord", "opd", "opd+grpo", "fkl"):
+        assert seen == {"grad": False, "training": False, "requires_grad": False}
+    if objective in ("cord", "grpo", "opd+grpo"):
+        assert {"reward_mean", "clip_frac", "zero_spread_frac"} <= set(lines[-1])
+
+
+def test_omni_thinker_trains_all_parameters(tmp_path, speech_data, omni_dir):
+    final = run_main(tmp_path, omni_dir, speech_data, "--objective", "cord", "--train", "audio", steps=1)
+    before = cord.load_lalm(str(omni_dir)).model.state_dict()
+    after = cord.load_lalm(str(final)).model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("audio_tower") for k in changed)
+
+
+def test_one_audio_encoding_per_prompt_per_step(tmp_path, speech_data, qwen2_audio_dir, monkeypatch):
+    clips = []
+    real = cord.qwen2_audio_features
+
+    def counting(model, features, mask):
+        clips.append(features.shape[0])
+        return real(model, features, mask)
+
+    monkeypatch.setitem(cord.AUDIO_FAMILIES, "qwen2_audio", (cord.AUDIO_FAMILIES["qwen2_audio"][0], counting))
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "cord", "--group_size", "4", steps=1)
+    assert clips == [2]  # B = 2 prompts, one call, not B x (1 + N) rows
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, speech_data, qwen2_audio_dir):
+    common = ("--objective", "cord", "--save_every", "1", "--seed", "3")
+    full = run_main(tmp_path / "a", qwen2_audio_dir, speech_data, *common, steps=3)
+    run_main(tmp_path / "b", qwen2_audio_dir, speech_data, *common, steps=1)
+    shutil_target = tmp_path / "b/run/checkpoint-000001"
+    assert (shutil_target / "model.safetensors").is_file() and not list((tmp_path / "b/run").glob(".tmp-*"))
+    resumed = run_main(tmp_path / "b", qwen2_audio_dir, speech_data, *common, "--resume", "true", steps=3)
+    a, b = cord.load_lalm(str(full)).model.state_dict(), cord.load_lalm(str(resumed)).model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    la = [json.loads(l)["loss"] for l in open(tmp_path / "a/run/metrics.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(tmp_path / "b/run/metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_corrupted_checkpoint_is_skipped(tmp_path, capsys):
+    good, bad = tmp_path / "checkpoint-000002", tmp_path / "checkpoint-000004"
+    for d in (good, bad):
+        d.mkdir()
+    (good / "state.json").write_text('{"step": 2}'), (good / "optimizer.pt").write_bytes(b"x"), (good / "model.safetensors").write_bytes(b"x")
+    (bad / "state.json").write_text('{"st')  # a partial write
+    assert cord.last_checkpoint(str(tmp_path)) == good
+    assert "checkpoint-000004" in capsys.readouterr().err
+
+
+def test_eval_mode_writes_items_and_summary(tmp_path, speech_data, qwen2_audio_dir):
+    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(speech_data), "--output", str(tmp_path),
+                   "--max_new_tokens", "6"])
+    assert {"acc_text", "acc_audio", "gap", "kl_p50", "kl_p80", "kl_p95", "kl_by_position", "top_kl_tokens"} <= set(s)
+    items = [json.loads(l) for l in open(tmp_path / "items.jsonl")]
+    assert len(items) == len(QUESTIONS) and json.loads((tmp_path / "summary.json").read_text())["n"] == len(QUESTIONS)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "not valid JSON"),
+    ('{"id": "x", "text": "hi"}', "field 'audio'"),
+    ('{"id": "x", "audio": "missing.wav", "text": "hi"}', "not found"),
+])
+def test_bad_manifest_lines_name_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(SystemExit) as e:
+        cord.read_manifest(str(path))
+    assert f"{path}:1:" in str(e.value) and message in str(e.value)
+
+
+def test_model_without_audio_support_gets_a_clear_error(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="no audio adapter"):
+        cord.load_lalm(str(tmp_path))

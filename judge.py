@@ -1,0 +1,339 @@
+"""The sequence-level judge J(y, ŷ) of CORD's Eq. 8: do two completions reach the same final answer?
+
+CORD rewards each audio rollout y^(i) with r_i = J(y^(i), ŷ) ∈ {0, 1}, where ŷ is
+the model's own answer to the text version of the question (Eq. 8) or, in
+ground-truth mode, the dataset's reference answer. Two judges, one call:
+
+    judge = RuleJudge()                        # default: rules + math-verify
+    judge = ModelJudge(model, tokenizer)       # the paper's setting: an LM says yes/no
+    rewards = judge(preds, refs)               # list[float] of 0.0 / 1.0
+
+By hand (rule judge; --gt takes the second argument as a bare reference answer):
+
+    python judge.py "so the answer is \\boxed{\\frac{1}{2}}" "The answer is 0.5."
+    python judge.py --gt "She pays seven dollars." "7"
+
+Departures from the paper:
+  1. The paper's judge is an internal distilled model (> 99% agreement with its
+     labels). Ours is rule-based by default; ModelJudge takes any causal LM as is.
+  2. ModelJudge reads P(yes) vs P(no) from one forward pass; it never generates.
+"""
+import argparse
+import re
+import threading
+from decimal import Decimal
+from functools import lru_cache
+
+import torch
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+
+SHORT_CHARS = 40  # a one-line completion this short is taken as the answer itself
+MATH_CHARS = 100  # longer answers are compared as strings only: bounds math-verify's time
+TIMEOUT_S = 1  # math-verify's timeout per parse/verify (signal.alarm: whole seconds, main thread only)
+
+# ---------------------------------------------------------------------------
+# Extraction: completion -> final answer
+# ---------------------------------------------------------------------------
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_MARKER = re.compile(r"answer[\s*]*(?:is\b(?!')|:)[\s:*]*", re.I)  # "the (final) answer is", "**Answer:**"
+_CHOICE = re.compile(r"\b(?i:option|choice)\s*\(?([A-J])\b\)?|(?<!\w)\(([A-J])\)")  # "option B", "(B)"
+_CHOICE_START = re.compile(r"\s*\(?([A-J])[.):](?:\s|$)")  # "B. Paris ..." at the very start
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+          "sixteen seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = {"hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9}
+_WORD_VALUE = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+_WORD = "|".join(sorted([*_WORD_VALUE, *_SCALES], key=len, reverse=True))  # "seventeen" before "seven"
+_NUMBER_WORDS = re.compile(rf"\b(?:{_WORD})(?:(?:\s+and\s+|[\s-]+)(?:{_WORD}))*\b", re.I)
+
+
+def _clean(span):
+    """Trim markdown, `$`/`\\(` wrappers and a final full stop: '**$\\frac12$.**' -> '\\frac12'."""
+    s = span.strip().strip("*").strip()
+    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip().strip("$").strip()
+    return s[:-1].strip() if s.endswith(".") else s
+
+
+def _boxed(text):
+    """Content of the last \\boxed{...}, nested braces allowed; None if absent or unbalanced."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth = 1
+    for k in range(starts[-1], len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[starts[-1] : k]
+    return None
+
+
+def _after_marker(text):
+    """'... so the answer is 7 dollars. Done' -> '7 dollars' (last marker, to the end of its sentence)."""
+    last = None
+    for last in _MARKER.finditer(text):
+        pass
+    if last is None:
+        return None
+    line = text[last.end() :].strip().split("\n")[0]
+    return _clean(re.split(r"\.(?=\s|$)", line)[0])
+
+
+def _short(text):
+    """A short one-line completion is itself the answer ('7', 'B. Paris', '\\frac{1}{2}'),
+    unless it is prose with several numbers ('it costs 3, in total 12')."""
+    if len(text) > SHORT_CHARS or "\n" in text or _MARKER.search(text):  # 'The answer is' is no answer
+        return None
+    if len(_NUMBER.findall(text)) > 1 and re.search(r"[^\W\d_]{2,}\s+[^\W\d_]{2,}", text):
+        return None
+    return _clean(text)
+
+
+def _choice(text):
+    """Last 'option B' / '(B)' in the text, else a leading 'B.'; None if there is none."""
+    last = None
+    for last in _CHOICE.finditer(text):
+        pass
+    if last is not None:
+        return last.group(1) or last.group(2)
+    start = _CHOICE_START.match(text)
+    return start.group(1) if start else None
+
+
+def _last_number(text):
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _last_number_words(text):
+    runs = _NUMBER_WORDS.findall(text)
+    return runs[-1] if runs else None
+
+
+def extract_answer(completion):
+    """The final answer of a free-form completion, or None. Rules in order, first hit wins:
+    \\boxed{}, 'the answer is'/'Answer:', a short completion itself, a multiple-choice
+    letter, the last number, the last number in words.
+
+    >>> extract_answer("x = 2, so the answer is \\\\boxed{\\\\frac{1}{2}}.")
+    '\\\\frac{1}{2}'
+    >>> extract_answer("I think it costs 3 dollars, in total 12.")
+    '12'
+    >>> extract_answer("no idea") is None, extract_answer(None) is None
+    (False, True)
+    """
+    if not isinstance(completion, str) or not completion.strip():
+        return None
+    text = completion.strip()
+    for rule in (_boxed, _after_marker, _short, _choice, _last_number, _last_number_words):
+        answer = rule(text)
+        if answer:
+            return answer.strip()
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Comparison: answer vs answer
+# ---------------------------------------------------------------------------
+_LETTER = re.compile(r"(?i:option|choice)?\s*(?:\(([A-J])\)|([A-J])(?:[.:)]|$))\s*(.*)", re.S)
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,234,567" -> "1234567"
+_MATHY = re.compile(r"[\\^/*+=(){}\[\]<>|_]")  # LaTeX or operators: leave it to math-verify
+_PLAIN = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _words_to_int(run):
+    """'one hundred and twenty-three' -> 123."""
+    total, current = 0, 0
+    for word in re.findall(r"[a-z]+", run.lower()):
+        if word == "hundred":
+            current = max(current, 1) * 100
+        elif word in _SCALES:
+            total, current = total + max(current, 1) * _SCALES[word], 0
+        elif word in _WORD_VALUE:
+            current += _WORD_VALUE[word]
+    return total + current
+
+
+def _normalise(answer):
+    """Spoken-answer normal form: '1,234' -> '1234', 'Seven dollars' -> '7', '50%' -> '50', 'Yes.' -> 'yes'."""
+    s = answer.replace("{,}", ",").replace("\u2212", "-").strip().strip("$").strip()
+    s = _THOUSANDS.sub("", s)
+    if "\\" not in s:
+        s = s.casefold()
+    yes_no = re.match(r"(yes|no)\b", s)
+    if yes_no:
+        return yes_no.group(1)
+    s = _NUMBER_WORDS.sub(lambda m: str(_words_to_int(m.group())), s)
+    numbers = _NUMBER.findall(s)
+    if len(numbers) == 1 and not _MATHY.search(s.replace(numbers[0], " ")):  # one number among words, units
+        return numbers[0]
+    return s[:-1].strip() if s.endswith(".") else s
+
+
+def _math_equal(x, y):
+    """math-verify on two short answers, bounded by its timeout; never raises."""
+    if len(x) > MATH_CHARS or len(y) > MATH_CHARS:
+        return False
+    # math-verify's timeout uses signal.alarm, which only works in the main thread.
+    timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = _parse(y, timeout)
+        pred = _parse(x, timeout) if gold else ()
+        return bool(pred) and verify(list(gold), list(pred), timeout_seconds=timeout)
+    except (Exception, TimeoutException):
+        return False
+
+
+@lru_cache(maxsize=4096)
+def _parse(answer, timeout):
+    return tuple(parse(f"${answer}$", parsing_timeout=timeout))
+
+
+def _letter(answer):
+    """'(B) Paris' -> ('B', 'Paris'), 'option C' -> ('C', ''), '42' -> (None, '42')."""
+    m = _LETTER.fullmatch(answer)
+    return (m.group(1) or m.group(2), m.group(3)) if m else (None, answer)
+
+
+def _is_math(s):
+    """Has a digit or a math symbol; plain words never go to math-verify ('ab' would equal 'ba')."""
+    return bool(re.search(r"\d", s) or _MATHY.search(s))
+
+
+def _same(x, y):
+    """Whether two extracted answers agree (None never matches)."""
+    if not x or not y:
+        return False
+    (lx, x), (ly, y) = _letter(x), _letter(y)
+    if lx and ly:  # two letters: compare the letters
+        return lx == ly
+    if not x or not y:  # a bare letter against an answer with no letter
+        return False
+    x, y = _normalise(x), _normalise(y)  # one letter: its option text vs the other ('(B) 42' vs '42')
+    if x == y:
+        return True
+    if _PLAIN.fullmatch(x) and _PLAIN.fullmatch(y):
+        return Decimal(x) == Decimal(y)  # '7.50' == '7.5', exactly
+    return _is_math(x) and _is_math(y) and _math_equal(x, y)
+
+
+def answers_match(a, b):
+    """Whether two completions (or bare answers) reach the same final answer.
+
+    >>> answers_match("So the answer is \\\\boxed{\\\\frac{3}{4}}", "It is 0.75.")
+    True
+    >>> answers_match("The total is twenty-three apples.", "Answer: 23"), answers_match(None, None)
+    (True, False)
+    """
+    return _same(extract_answer(a), extract_answer(b))
+
+
+class RuleJudge:
+    """J(y, ŷ) by rules (Eq. 8). ground_truth=True: refs are bare answers, used as they are.
+
+    >>> RuleJudge()(["... answer is 4", "... answer is (B)"], ["It's four.", "C"])
+    [1.0, 0.0]
+    >>> RuleJudge(ground_truth=True)(["so 1,200 in all"], ["1200"])
+    [1.0]
+    """
+
+    def __init__(self, ground_truth=False):
+        self.ground_truth = ground_truth
+
+    def __call__(self, preds, refs):
+        if len(preds) != len(refs):
+            raise ValueError(f"{len(preds)} preds but {len(refs)} refs")
+        as_ref = (lambda r: _clean(str(r)) if r is not None else None) if self.ground_truth else extract_answer
+        return [float(_same(extract_answer(p), as_ref(r))) for p, r in zip(preds, refs)]
+
+
+# ---------------------------------------------------------------------------
+# Model judge: P(yes) vs P(no) from the next-token logits
+# ---------------------------------------------------------------------------
+class ModelJudge:
+    """J(y, ŷ) by a causal LM, as in the paper: a fixed prompt asks whether the two
+    responses reach the same final answer; score = P(yes) / (P(yes) + P(no)) at the
+    next token; verdict = score >= threshold.
+
+    model: anything whose __call__(input_ids=, attention_mask=) returns `.logits`
+    (B, T, V): a transformers causal LM, or an adapter around the trained LALM's
+    text path. Inputs are right-padded and the logits read at each row's last
+    real token, so batching cannot change a score, whatever the position
+    embedding. The model's train/eval mode is left as it is. Memory: the full
+    (batch_size, T, V) logits are materialised; lower batch_size if short.
+    """
+
+    PROMPT = (
+        "Two responses to the same question are shown below. Do they reach the same final answer? "
+        "Reply with yes or no.\n\nResponse A: {a}\n\nResponse B: {b}\n\nSame final answer:"
+    )
+
+    def __init__(self, model, tokenizer, threshold=0.5, batch_size=16, device=None, max_chars=2000):
+        self.model, self.tokenizer = model, tokenizer
+        self.threshold, self.batch_size, self.max_chars = threshold, batch_size, max_chars
+        self.device = device or getattr(model, "device", None) or "cpu"
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        first = lambda w: (tokenizer.encode(w, add_special_tokens=False) or [None])[0]
+        yes = {first(w) for w in ("yes", " yes", "Yes", " Yes")} - {None}
+        no = {first(w) for w in ("no", " no", "No", " No")} - {None}
+        self.yes_ids, self.no_ids = sorted(yes - no), sorted(no - yes)  # a shared first token says nothing
+        if not self.yes_ids or not self.no_ids:
+            raise ValueError("the tokenizer cannot tell 'yes' from 'no' by their first token")
+
+    def prompt(self, a, b):
+        """The full prompt string (chat template applied when the tokenizer has one)."""
+        tail = lambda s: str(s or "")[-self.max_chars :]  # the final answer is at the end
+        text = self.PROMPT.format(a=tail(a), b=tail(b))
+        if self.chat:
+            messages = [{"role": "user", "content": text}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
+
+    @torch.no_grad()
+    def scores(self, preds, refs):
+        """P(yes) / (P(yes) + P(no)) per pair, in [0, 1]."""
+        if len(preds) != len(refs):
+            raise ValueError(f"{len(preds)} preds but {len(refs)} refs")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for i in range(0, len(preds), self.batch_size):
+            pairs = zip(preds[i : i + self.batch_size], refs[i : i + self.batch_size])
+            ids = [self.tokenizer.encode(self.prompt(a, b), add_special_tokens=not self.chat) for a, b in pairs]
+            T = max(map(len, ids))
+            input_ids = torch.tensor([x + [pad] * (T - len(x)) for x in ids])  # (B, T), right padded
+            mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])  # (B, T)
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
+            last = mask.sum(1) - 1  # (B,) each prompt's last real token
+            z = logits[torch.arange(len(ids), device=mask.device), last].float()  # (B, V) next-token logits
+            # P(yes) / (P(yes) + P(no)) = sigmoid(logsumexp z_yes - logsumexp z_no): softmax's normaliser cancels
+            out += torch.sigmoid(z[:, self.yes_ids].logsumexp(-1) - z[:, self.no_ids].logsumexp(-1)).tolist()
+        return out
+
+    def __call__(self, preds, refs):
+        return [float(s >= self.threshold) for s in self.scores(preds, refs)]
+
+
+# ---------------------------------------------------------------------------
+def main():
+    p = argparse.ArgumentParser(description="Do two completions reach the same final answer? (CORD Eq. 8)")
+    p.add_argument("a", help="a completion")
+    p.add_argument("b", help="a completion (or, with --gt, a bare reference answer)")
+    p.add_argument("--gt", action="store_true", help="ground-truth mode: take b as the answer itself")
+    p.add_argument("--model", help="also ask this local/cached causal LM (ModelJudge)")
+    args = p.parse_args()
+    b_answer = _clean(args.b) if args.gt else extract_answer(args.b)
+    print(f"answer a: {extract_answer(args.a)!r}\nanswer b: {b_answer!r}")
+    print(f"rule judge: {RuleJudge(ground_truth=args.gt)([args.a], [args.b])[0]:.0f}")
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
+        judge = ModelJudge(model, tokenizer)
+        score = judge.scores([args.a], [args.b])[0]
+        print(f"model judge: {float(score >= judge.threshold):.0f}  (P(yes) = {score:.3f})")
+
+
+if __name__ == "__main__":
+    main()
