@@ -34,6 +34,8 @@ Departures from the paper (each switchable unless noted):
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -418,29 +420,109 @@ def cord_token_loss(student_logits, teacher_logits, mask, k=20, alpha=2.0, beta=
     Sequences are averaged with equal weight (a per-sequence mean, as Eq. 3's E_y[(1/T) sum]).
     """
     D = token_reverse_kl(student_logits, teacher_logits, mask, chunk_size)  # (B, T) Eq. 2
+    return weighted_token_loss(D, mask, k, alpha, beta, normalize)
+
+
+def weighted_token_loss(D, mask, k=20, alpha=2.0, beta=2.0, normalize="weights"):
+    """Eq. 4-7 on given per-token KLs D (B, T) -> (loss, metrics); see cord_token_loss."""
     w_kl = importance_weights(D, mask, k, alpha)  # (B, T) Eq. 4
     w = w_kl * position_weights(mask, beta)  # (B, T) Eq. 6
     denom = w.sum(-1) if normalize == "weights" else mask.sum(-1).to(w.dtype)  # (B,)
     has = mask.any(-1)
-    per_seq = (w * D).sum(-1) / denom.clamp(min=1e-8)  # (B,)
-    loss = per_seq[has].mean() if has.any() else D.sum() * 0
-    d = D.detach()[mask].float()
-    top = (importance_weights(d.new_zeros(mask.shape).masked_scatter(mask, d), mask, k, 2.0) == 2.0) & mask
+    per_seq = (w * D).sum(-1) / denom.clamp(min=1e-8)  # (B,) Eq. 7, per sequence
+    loss = per_seq[has].mean() if has.any() else D.sum() * 0  # mean over sequences
+    d, top = D.detach()[mask].float(), importance_weights(D, mask, k, 2.0) > 1  # (n,), (B, T) the top-K tokens
     metrics = {"kl_mean": d.mean().item() if d.numel() else 0.0,
-               "kl_top_share": (D.detach()[top].sum() / d.sum().clamp(min=1e-12)).item(),
-               "k_eff_frac": (top.sum() / mask.sum().clamp(min=1)).item()}
+               "kl_top_share": (D.detach()[top].sum() / d.sum().clamp(min=1e-12)).item(),  # KL mass in the top-K
+               "k_eff_frac": (top.sum() / mask.sum().clamp(min=1)).item()}  # share of tokens that top-K selects
     if d.numel():
-        for q in (50, 80, 95):
-            metrics[f"kl_p{q}"] = torch.quantile(d[:1_000_000], q / 100).item()
+        metrics.update({f"kl_p{q}": torch.quantile(d[:1_000_000], q / 100).item() for q in (50, 80, 95)})
     return loss, metrics
 
 
+class _ChunkedLogProb(torch.autograd.Function):
+    """log softmax(s)[y] per row of (N, V), chunked; backward recomputes: d/ds = onehot(y) - p."""
+
+    @staticmethod
+    def forward(ctx, s, y, chunk):
+        out = torch.empty(s.shape[0], dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
+        for i in range(0, s.shape[0], chunk):
+            out[i:i + chunk] = F.log_softmax(s[i:i + chunk].to(out.dtype), -1).gather(-1, y[i:i + chunk, None])[:, 0]
+        ctx.save_for_backward(s, y)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        s, y = ctx.saved_tensors
+        gs = torch.empty_like(s)
+        for i in range(0, s.shape[0], ctx.chunk):
+            p = torch.softmax(s[i:i + ctx.chunk].to(g.dtype), -1)
+            gs[i:i + ctx.chunk] = (-p).scatter_add_(-1, y[i:i + ctx.chunk, None], torch.ones_like(p[:, :1])) * g[i:i + ctx.chunk, None]
+        return gs, None, None
+
+
 def token_logprobs(logits, y, chunk_size=None):  # -> (B, T)
-    """log pi(y_t | ...) at temperature 1, chunked over positions to bound fp32 memory."""
+    """log pi(y_t | ...) at temperature 1; chunk_size bounds the fp32 memory as in token_reverse_kl."""
     if chunk_size is None:
         return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
-    return torch.cat([torch.log_softmax(c.float(), -1).gather(-1, yc[..., None]).squeeze(-1)
-                      for c, yc in zip(logits.split(chunk_size, 1), y.split(chunk_size, 1))], 1)
+    B, T, V = logits.shape
+    return _ChunkedLogProb.apply(logits.reshape(B * T, V), y.reshape(B * T), chunk_size).view(B, T)
+
+
+class _FusedHead(torch.autograd.Function):
+    """Eq. 2 and log pi(y_t) straight from final hidden states: logits = h W^T exist one chunk at a time.
+
+    Inputs h_s (N, C) student hidden, h_t (N, C) teacher hidden, W (V, C) student head, W_t teacher
+    head, y (N,) tokens. Returns D (N,) = KL(p_s || p_t) and logp (N,) = log p_s(y). The backward
+    pass recomputes each chunk's logits and accumulates dL/dh_s and dL/dW; the teacher gets none.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, h_t, W, W_t, y, chunk):
+        D = torch.zeros(h_s.shape[0], dtype=torch.float32, device=h_s.device)
+        logp = torch.zeros_like(D)
+        for i in range(0, h_s.shape[0], chunk):
+            ls = F.log_softmax((h_s[i:i + chunk] @ W.T).float(), -1)  # (chunk, V)
+            logp[i:i + chunk] = ls.gather(-1, y[i:i + chunk, None])[:, 0]
+            if h_t is not None:
+                lt = F.log_softmax((h_t[i:i + chunk] @ W_t.T).float(), -1)
+                D[i:i + chunk] = (ls.exp() * (ls - lt)).sum(-1)
+        ctx.save_for_backward(h_s, h_t, W, W_t, y, D)
+        ctx.chunk = chunk
+        return D, logp
+
+    @staticmethod
+    def backward(ctx, gD, glogp):
+        h_s, h_t, W, W_t, y, D = ctx.saved_tensors
+        gh = torch.empty_like(h_s)
+        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[2] else None
+        for i in range(0, h_s.shape[0], ctx.chunk):
+            sl = slice(i, i + ctx.chunk)
+            ls = F.log_softmax((h_s[sl] @ W.T).float(), -1)
+            p = ls.exp()
+            g = (-p).scatter_add_(-1, y[sl, None], torch.ones_like(p[:, :1])) * glogp[sl, None]  # d logp / ds
+            if h_t is not None:
+                lt = F.log_softmax((h_t[sl] @ W_t.T).float(), -1)
+                g += p * (ls - lt - D[sl, None]) * gD[sl, None]  # d D / ds
+            g = g.to(W.dtype)
+            gh[sl] = g @ W
+            if gW is not None:
+                gW += (g.T @ h_s[sl]).float()
+        return gh, None, None if gW is None else gW.to(W.dtype), None, None, None
+
+
+def fused_kl_and_logprobs(student_hidden, teacher_hidden, weight, y, mask, chunk_size=64, teacher_weight=None):
+    """D (B, T) of Eq. 2 and log pi(y_t) (B, T) from hidden states (B, T, C) and the lm_head weight (V, C).
+
+    Same values and gradients as token_reverse_kl / token_logprobs on logits = hidden @ weight.T,
+    without ever holding the (B, T, V) logits. teacher_hidden=None returns D = 0 (GRPO-only rows).
+    """
+    B, T, C = student_hidden.shape
+    h_t = None if teacher_hidden is None else teacher_hidden.detach().reshape(B * T, C)
+    W_t = (weight if teacher_weight is None else teacher_weight).detach()
+    D, logp = _FusedHead.apply(student_hidden.reshape(B * T, C), h_t, weight, W_t, y.reshape(B * T), chunk_size)
+    return D.view(B, T) * mask, logp.view(B, T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,32 +671,23 @@ def configure_trainable(lalm: LALM, args: Args) -> list:
 
 
 class Teacher:
-    """sg[pi(.|x_t, y_<t)]: no gradient, eval mode. live = current weights; frozen = initial weights."""
+    """sg[pi(.|x_t, y_<t)]: no gradient, eval mode. live = current weights; frozen = initial weights
+    (the base model under a LoRA adapter, else a frozen copy made at the start)."""
 
     def __init__(self, lalm: LALM, mode: str):
         self.lalm, self.mode, self.copy = lalm, mode, None
         if mode == "frozen" and not hasattr(lalm.model, "disable_adapter"):
-            import copy
-
-            self.copy = copy.deepcopy(lalm.model).requires_grad_(False).eval()
+            self.copy = LALM(**{**lalm.__dict__, "model": copy.deepcopy(lalm.model).requires_grad_(False).eval()})
 
     @torch.no_grad()
-    def logits(self, text_ids, text_mask, y, y_mask):  # -> (R, T, V)
-        lalm = self.lalm if self.copy is None else LALM(**{**self.lalm.__dict__, "model": self.copy})
+    def hidden(self, text_ids, text_mask, y, y_mask):  # -> (R, T, C) hidden states, (V, C) head weight
+        lalm = self.copy or self.lalm
         was_training = lalm.model.training
         lalm.model.eval()  # no dropout in the teacher
-        with lalm.model.disable_adapter() if self.mode == "frozen" and self.copy is None else _nullcontext():
-            out = completion_logits(lalm, embed_prompts(lalm, text_ids), text_mask, y, y_mask)
+        with lalm.model.disable_adapter() if self.mode == "frozen" and self.copy is None else contextlib.nullcontext():
+            h = completion_hidden(lalm, embed_prompts(lalm, text_ids), text_mask, y, y_mask)
         lalm.model.train(was_training)
-        return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+        return h, lalm.base.get_output_embeddings().weight
 
 
 def _sync_time(device) -> float:
@@ -628,12 +701,15 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
     obj, G, dev = args.objective, args.group_size, lalm.device
     use_tok, use_seq = obj in ("cord", "opd", "opd+grpo"), obj in ("cord", "grpo", "opd+grpo")
     alpha, beta = (args.alpha, args.beta) if obj == "cord" else (1.0, 1.0)  # opd, opd+grpo: uniform Eq. 3
-    tm, clock = {}, _sync_time(dev)
+    tm, metrics, clock = {}, {}, _sync_time(dev)
     P = build_prompts(lalm, examples, args.instruction, args.system_prompt)
+    tm["t_prompts"], clock = _sync_time(dev) - clock, _sync_time(dev)
     B = len(examples)
     lalm.model.train()
     x_a = embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])  # (B, P_a, C): the one encoder call
     m_a = P["audio_mask"]
+    tm["t_encoder"] = _sync_time(dev) - clock  # part of the student forward (its graph is kept for backward)
+    clock = _sync_time(dev)
 
     # --- rollouts from the audio prompt (eval mode, no grad), one prefill per prompt
     lalm.model.eval()
@@ -644,6 +720,7 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
         rows = {}  # name -> (y, mask): "tok" rows carry L_tok, "seq" rows L_seq, "ref" rows sft / fkl
         if taus:
             y, y_mask = sample(lalm, x_a.detach(), m_a, len(taus), taus, args.max_new_tokens)  # (B*n, T)
+            metrics["rollout_tokens"] = y_mask.sum().item()
             y, y_mask = y.view(B, len(taus), -1), y_mask.view(B, len(taus), -1)  # row 0 = OPD row if separate
             if use_seq:
                 rows["seq"] = (y[:, -G:].flatten(0, 1), y_mask[:, -G:].flatten(0, 1))  # (B*G, T)
@@ -658,7 +735,6 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
     tm["t_rollout"], clock = _sync_time(dev) - clock, _sync_time(dev)
 
     # --- judge rewards (Eq. 8) and group advantages (Eq. 9)
-    metrics = {}
     if use_seq:
         completions = decode(lalm, *rows["seq"])
         refs = decode(lalm, y_hat, y_hat_mask) if need_ref else [None] * B
@@ -668,12 +744,12 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
         metrics.update(reward_mean=r.mean().item(), completion_len=rows["seq"][1].sum(-1).float().mean().item())
     tm["t_judge"], clock = _sync_time(dev) - clock, _sync_time(dev)
 
-    # --- teacher pass: text prompt, same completion tokens, no grad
-    t_logits = None
+    # --- teacher pass: text prompt, same completion tokens, no grad; hidden states only
+    h_t = W_t = None
     if "tok" in rows or obj == "fkl":
         yt, mt = rows["tok"] if "tok" in rows else rows["ref"]
         reps = yt.shape[0] // B
-        t_logits = teacher.logits(P["text_ids"].repeat_interleave(reps, 0), P["text_mask"].repeat_interleave(reps, 0), yt, mt)
+        h_t, W_t = teacher.hidden(P["text_ids"].repeat_interleave(reps, 0), P["text_mask"].repeat_interleave(reps, 0), yt, mt)
     tm["t_teacher"], clock = _sync_time(dev) - clock, _sync_time(dev)
 
     # --- student pass: one forward over every row that carries a loss
@@ -681,38 +757,49 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
     names = [n for n in ("tok", "seq", "ref") if n in rows and not (n == "seq" and rows.get("tok") is rows["seq"])]
     ys = [rows[n][0] for n in names]
     reps = [y.shape[0] // B for y in ys]
-    pad = lalm.tokenizer.pad_token_id or 0
-    s_logits = completion_logits(lalm, torch.cat([x_a.repeat_interleave(r, 0) for r in reps]),
-                                 torch.cat([m_a.repeat_interleave(r, 0) for r in reps]),
-                                 pad_cat(ys, pad), pad_cat([rows[n][1] for n in names], False))  # (R, T, V)
+    h = completion_hidden(lalm, torch.cat([x_a.repeat_interleave(r, 0) for r in reps]),
+                          torch.cat([m_a.repeat_interleave(r, 0) for r in reps]),
+                          pad_cat(ys, lalm.tokenizer.pad_token_id or 0), pad_cat([rows[n][1] for n in names], False))  # (R, T, C)
     offsets = dict(zip(names, np.cumsum([0] + [y.shape[0] for y in ys]).tolist()))
-    view = lambda n: s_logits[offsets[n]:offsets[n] + rows[n][0].shape[0], :rows[n][0].shape[1]]  # (R_n, T_n, V)
-    loss = s_logits.new_zeros(())
+    head = lalm.base.get_output_embeddings()
+    fused = args.chunk_size is not None and head.bias is None
+
+    def kl_and_logp(name, with_teacher):  # D (Eq. 2) and log pi(y_t) of a row set, from the one student forward
+        y, m = rows[name]
+        hs = h[offsets[name]:offsets[name] + y.shape[0], :y.shape[1]]  # (R_n, T_n, C)
+        if fused:  # logits never materialised (bench.py --loss-memory)
+            return fused_kl_and_logprobs(hs, h_t if with_teacher else None, head.weight, y, m, args.chunk_size, W_t)
+        s = head(hs)  # (R_n, T_n, V)
+        D = token_reverse_kl(s, h_t @ W_t.T, m, args.chunk_size) if with_teacher else None
+        return D, token_logprobs(s, y, args.chunk_size)
+
+    loss = h.new_zeros((), dtype=torch.float32)
     if use_tok:
         y_tok, m_tok = rows["tok"]
+        D, logp = kl_and_logp("tok", True)  # (B, T) or (B*G, T) in group mode
         kk = torch.ceil(args.k_frac * m_tok.sum(-1)).long().clamp(min=1) if args.k_frac > 0 else args.k
-        L_tok, tok_metrics = cord_token_loss(view("tok"), t_logits, m_tok, kk, alpha, beta, args.normalize, args.chunk_size)
-        loss = loss + L_tok  # Eq. 7
+        L_tok, tok_metrics = weighted_token_loss(D, m_tok, kk, alpha, beta, args.normalize)  # Eq. 4-7
+        loss = loss + L_tok
         metrics.update(loss_tok=L_tok.item(), **tok_metrics)
     if use_seq:
         y_seq, m_seq = rows["seq"]
-        logp = token_logprobs(view("seq" if "seq" in names else "tok"), y_seq, args.chunk_size)  # (B*G, T) from the same student forward
+        if "seq" in names:
+            _, logp = kl_and_logp("seq", False)  # (B*G, T) from the same student forward
         L_seq, seq_metrics = grpo_loss(logp, logp.detach(), A, m_seq, args.clip_eps, G, args.grpo_reduction)  # Eq. 10
         loss = loss + args.lam * L_seq  # L_CORD = L_tok + lambda L_seq
         metrics.update(loss_seq=L_seq.item(), **seq_metrics)
-    if obj == "sft":
+    if obj in ("sft", "fkl"):
         y_ref, m_ref = rows["ref"]
-        nll = -(token_logprobs(view("ref"), y_ref, args.chunk_size) * m_ref).sum(-1) / m_ref.sum(-1).clamp(min=1)
-        loss = loss + nll.mean()
-        metrics.update(loss_sft=nll.mean().item())
-    if obj == "fkl":
-        y_ref, m_ref = rows["ref"]
-        D = token_forward_kl(view("ref"), t_logits, m_ref, args.chunk_size)
-        L = (D.sum(-1) / m_ref.sum(-1).clamp(min=1)).mean()
+        hs = h[offsets["ref"]:, :y_ref.shape[1]]
+        if obj == "sft":  # cross-entropy on y_hat from the audio prompt
+            per_tok = -kl_and_logp("ref", False)[1]
+        else:  # KL(pi(.|x_t) || pi(.|x_a)) along the text-conditioned trajectory
+            per_tok = token_forward_kl(head(hs), h_t @ W_t.T, m_ref, args.chunk_size)
+        L = ((per_tok * m_ref).sum(-1) / m_ref.sum(-1).clamp(min=1)).mean()
         loss = loss + L
-        metrics.update(loss_fkl=L.item())
+        metrics[f"loss_{obj}"] = L.item()
     loss.backward()
-    tm["t_student"] = _sync_time(dev) - clock
+    tm["t_student"] = _sync_time(dev) - clock + tm.pop("t_encoder")
     metrics.update(loss=loss.item(), **tm)
     return loss.detach(), metrics
 

@@ -640,7 +640,7 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
               f"{sum(d for _, d in done.values()) / 3600:.3f} h audio; {len(todo) - made} failed"
               + (f" {dict(fails)}" if fails else "")
               + (f"; {made / wall:.2f} clips/s, {hours_made / max(cpu / 3600, 1e-9):.1f} h audio per CPU-hour"
-                 f" ({wall:.0f} s wall, {cpu:.0f} s CPU, {workers} workers)" if made else ""))
+                 f" ({wall:.1f} s wall, {cpu:.1f} s CPU, {workers} workers)" if made else ""))
     return manifest
 
 

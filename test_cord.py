@@ -95,6 +95,43 @@ def test_chunked_kl_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda x: token_reverse_kl(x, t.double(), mask, chunk_size=1), (s,))
 
 
+def test_chunked_logprobs_equal_unchunked():
+    s, _, mask = rand_case(B=2, T=6, V=30, seed=7)
+    y = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = []
+    for chunk in (None, 1, 5):
+        si = s.clone().requires_grad_(True)
+        lp = cord.token_logprobs(si, y, chunk)
+        (lp * mask).sum().backward()
+        out.append((lp.detach(), si.grad))
+    for lp, g in out[1:]:
+        torch.testing.assert_close(lp, out[0][0]), torch.testing.assert_close(g, out[0][1])
+
+
+def test_fused_head_equals_logits_path():
+    """Eq. 2 and log pi(y_t) from hidden states + lm_head weight, never holding (B, T, V) logits:
+    same values and gradients (w.r.t. hidden and weight) as the plain logits computation."""
+    g = torch.Generator().manual_seed(8)
+    B, T, C, V = 3, 5, 8, 40
+    hs, ht = torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
+    W = torch.randn(V, C, generator=g) * 0.5
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.arange(T)[None] < torch.tensor([5, 2, 1])[:, None]
+    coef = torch.randn(B, T, generator=g)
+    results = []
+    for fused in (False, True):
+        h1, W1 = hs.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        if fused:
+            D, lp = cord.fused_kl_and_logprobs(h1, ht, W1, y, mask, chunk_size=4)
+        else:
+            s = h1 @ W1.T
+            D, lp = token_reverse_kl(s, ht @ W1.T, mask), cord.token_logprobs(s, y)
+        ((D + coef * lp) * mask).sum().backward()
+        results.append((D.detach(), lp.detach(), h1.grad, W1.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_importance_weights_hand_table():
     D = torch.tensor([
         [0.1, 0.9, 0.5, 0.3, 0.0],  # K=2: positions 1 (0.9) and 2 (0.5) get alpha
@@ -333,22 +370,22 @@ def run_main(tmp_path, model_dir, manifest, *extra, steps=2):
 @pytest.mark.parametrize("objective", ["cord", "opd", "grpo", "opd+grpo", "sft", "fkl"])
 def test_every_objective_trains_on_tiny_qwen2_audio(objective, tmp_path, speech_data, qwen2_audio_dir, monkeypatch):
     seen = {}
-    real_logits = cord.Teacher.logits
+    real_hidden = cord.Teacher.hidden
 
-    real_completion_logits = cord.completion_logits
+    real_completion_hidden = cord.completion_hidden
 
     def inner(lalm, *a):  # what the teacher's forward sees
         seen["grad"], seen["training"] = torch.is_grad_enabled(), lalm.model.training
-        return real_completion_logits(lalm, *a)
+        return real_completion_hidden(lalm, *a)
 
     def spy(self, *a):  # the teacher pass runs without grad, in eval mode
         with monkeypatch.context() as mp:
-            mp.setattr(cord, "completion_logits", inner)
-            out = real_logits(self, *a)
-        seen["requires_grad"] = out.requires_grad
+            mp.setattr(cord, "completion_hidden", inner)
+            out = real_hidden(self, *a)
+        seen["requires_grad"] = out[0].requires_grad
         return out
 
-    monkeypatch.setattr(cord.Teacher, "logits", spy)
+    monkeypatch.setattr(cord.Teacher, "hidden", spy)
     before = cord.load_lalm(str(qwen2_audio_dir)).model.state_dict()
     final = run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", objective, "--train", "llm",
                      "--reward_ref", "answer" if objective == "grpo" else "text")

@@ -1,0 +1,246 @@
+"""Benchmarks for cord.py (as nanoGPT's bench.py): the per-step time split and the memory of the exact KL.
+
+    python bench.py --model tiny --steps 5                   # a CORD step on the tiny model (CPU)
+    python bench.py --model qwen2-audio-7b --lora --gradient-checkpointing --prompts 8 --seconds 10
+                                                             # random-init Qwen2-Audio-7B-Instruct config (GPU)
+    python bench.py --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936, T = 512, B = 2
+    python bench.py --judge                                  # RuleJudge on 1,000 pairs
+
+Step mode prints the time split (rollout / judge / teacher / student fwd+bwd / optimizer), the
+overhead = step - (rollout + teacher + student + optimizer), rollout tokens/s and peak memory.
+Loss-memory mode runs each variant in a fresh process and reports its peak memory (CUDA peak
+on a GPU, process max-RSS on CPU) and the ratio; values and gradients are checked to agree.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import cord
+
+# Qwen2-Audio-7B-Instruct's configuration (config.json of the released model), for random-init timing.
+QWEN2_AUDIO_7B = dict(
+    audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, d_model=1280, encoder_layers=32,
+                      encoder_attention_heads=20, encoder_ffn_dim=5120, max_source_positions=1500),
+    text_config=dict(model_type="qwen2", vocab_size=156032, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# --loss-memory: one variant per process, so each peak is its own
+
+
+def loss_memory_child(variant: str, V: int, T: int, B: int, dtype: str, device: str) -> dict:
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    g = torch.Generator(device=dev).manual_seed(0)
+    s = (torch.randn(B, T, V, generator=g, device=dev) * 2).to(dt).requires_grad_(True)
+    t = (torch.randn(B, T, V, generator=g, device=dev) * 2).to(dt)
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    mask[1, T // 2:] = False
+    if dev.type == "cuda":
+        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+    base = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated() / 2**20
+    clock = time.perf_counter()
+    loss, _ = cord.cord_token_loss(s, t, mask, chunk_size=None if variant == "naive" else 64)
+    loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return {"variant": variant, "loss": loss.item(), "grad_sum": s.grad.float().abs().sum().item(),
+            "grad_probe": s.grad[0, :4, :4].float().flatten().tolist(), "seconds": time.perf_counter() - clock,
+            "peak_mb": peak_memory_mb(dev), "inputs_mb": base}
+
+
+def loss_memory(a) -> dict:
+    rows = {}
+    for variant in ("naive", "chunked"):
+        cmd = [sys.executable, __file__, "--loss-memory-child", variant, "--V", str(a.V), "--T", str(a.T),
+               "--B", str(a.B), "--dtype", a.dtype, "--device", a.device]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
+        rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    n, c = rows["naive"], rows["chunked"]
+    summary = {"V": a.V, "T": a.T, "B": a.B, "dtype": a.dtype, "device": a.device,
+               "naive_peak_mb": round(n["peak_mb"]), "chunked_peak_mb": round(c["peak_mb"]),
+               "ratio": round(c["peak_mb"] / n["peak_mb"], 3),
+               "naive_s": round(n["seconds"], 2), "chunked_s": round(c["seconds"], 2),
+               "same_loss": abs(n["loss"] - c["loss"]) <= 1e-5 * abs(n["loss"]),
+               "same_grad": bool(np.allclose(n["grad_probe"], c["grad_probe"], rtol=1e-4, atol=1e-9))
+               and abs(n["grad_sum"] - c["grad_sum"]) <= 1e-4 * n["grad_sum"]}
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# --judge: RuleJudge on 1,000 pairs of ~150-word completions with mixed answer formats
+
+
+def judge_bench(n: int = 1000) -> dict:
+    import random
+
+    from judge import RuleJudge
+
+    rnd = random.Random(0)
+    filler = ("First we read the problem carefully and write down what is known. "
+              "Then we set up the equation, simplify both sides and check the units. ") * 5
+
+    def answer():
+        a, d = rnd.randint(1, 999), rnd.randint(2, 99)
+        return rnd.choice([(f"\\boxed{{{a}}}", str(a)), (f"\\boxed{{\\frac{{{a}}}{{{d}}}}}", f"{a / d:.6f}"),
+                           (f"the answer is {a:,} dollars.", f"{a} dollars"), (f"The answer is ({'ABCD'[a % 4]}).", "ABCD"[a % 4]),
+                           (f"so \\boxed{{{a}\\sqrt{{{d}}}}}", f"\\sqrt{{{a * a * d}}}"), (f"so {a} apples in total.", f"Answer: {a}")])
+
+    preds, refs = [], []
+    for i in range(n):
+        a, b = answer()
+        b = str(rnd.randint(1000, 9999)) if i % 2 else b  # every other pair disagrees
+        preds.append(filler + a)
+        refs.append(filler + f"So the answer is \\boxed{{{b}}}." if i % 3 else b)  # 2/3 completions, 1/3 bare answers
+    judge = RuleJudge()
+    judge(["\\boxed{\\frac{1}{2}}"], ["0.5"])  # warm up math-verify's lazy imports
+    wall, cpu = time.perf_counter(), time.process_time()
+    rewards = judge(preds, refs)
+    out = {"pairs": n, "wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
+           "mean_reward": round(sum(rewards) / n, 3)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# step mode
+
+
+def build_bench_model(name: str, dtype, device):
+    """'tiny' (the demo's size) or 'qwen2-audio-7b' (random weights, the real configuration)."""
+    from tiny_lalm import build_model, build_processor
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    words = "what is plus minus times the answer one two three four five six seven eight nine ten".split()
+    if name == "tiny":
+        processor = build_processor([" ".join(words)] * 20, vocab_size=300)
+        return build_model(processor).to(device, dtype), processor
+    processor = build_processor([" ".join(words)] * 20, vocab_size=300, chunk_seconds=30, n_mels=128)
+    tok = processor.tokenizer
+    config = Qwen2AudioConfig(**QWEN2_AUDIO_7B, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2AudioForConditionalGeneration(config).to(dtype)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, processor
+
+
+def step_bench(a) -> dict:
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if (a.dtype == "bfloat16") else torch.float32
+    clock = time.perf_counter()
+    if a.model in ("tiny", "qwen2-audio-7b"):
+        model, processor = build_bench_model(a.model, dtype, device)
+        path = tempfile.mkdtemp()
+        processor.save_pretrained(path)  # tokenizer, features, template; weights stay in memory
+        lalm = cord.LALM(model, processor.tokenizer, processor.feature_extractor, processor.chat_template,
+                         cord.qwen2_audio_features, model.config.audio_token_index, [], [processor.tokenizer.eos_token_id], processor)
+        n_tok = len(processor.tokenizer)
+        lalm.suppress_ids = [model.config.audio_token_index] + list(range(n_tok, model.config.text_config.vocab_size))
+    else:
+        lalm = cord.load_lalm(a.model, dtype, device)
+    build_s = time.perf_counter() - clock
+    # prompts of `seconds` of speech-like noise (timing does not depend on content)
+    import soundfile as sf
+
+    root = tempfile.mkdtemp()
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(a.prompts):
+        audio = (0.05 * rng.standard_normal(int(16000 * a.seconds))).astype(np.float32)
+        sf.write(f"{root}/{i}.wav", audio, 16000)
+        examples.append({"id": str(i), "audio_path": cord.Path(f"{root}/{i}.wav"), "text": "what is two plus three " * 3, "answer": "5"})
+    args = cord.Args(model="bench", objective=a.objective, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
+                     batch_size=a.prompts, train="lora" if a.lora else "all", gradient_checkpointing=a.gradient_checkpointing,
+                     chunk_size=a.chunk_size, reward_ref="answer")
+    params = cord.configure_trainable(lalm, args)
+    if a.gradient_checkpointing:
+        lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    teacher, judges = cord.Teacher(lalm, args.teacher), cord.make_judge(args, lalm)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    for step in range(a.warmup + a.steps):
+        t0 = cord._sync_time(device)
+        opt.zero_grad(set_to_none=True)
+        _, m = cord.train_step(lalm, teacher, judges, examples, args)
+        t1 = cord._sync_time(device)
+        torch.nn.utils.clip_grad_norm_(params, 1.0), opt.step()
+        m["t_optimizer"] = cord._sync_time(device) - t1
+        m["t_step"] = cord._sync_time(device) - t0
+        if step >= a.warmup:
+            rows.append(m)
+        print(json.dumps({k: round(v, 4) for k, v in m.items() if k.startswith("t_")}), flush=True)
+    mean = lambda k: float(np.mean([r.get(k, 0.0) for r in rows]))
+    out = {k: round(mean(k), 3) for k in ("t_step", "t_prompts", "t_rollout", "t_judge", "t_teacher", "t_student", "t_optimizer")}
+    core = out["t_rollout"] + out["t_teacher"] + out["t_student"] + out["t_optimizer"]
+    out["overhead_s"] = round(out["t_step"] - core, 3)
+    out["overhead_pct"] = round(100 * out["overhead_s"] / out["t_step"], 1)
+    new_tokens = mean("rollout_tokens")
+    out["rollout_tokens_per_s"] = round(new_tokens / out["t_rollout"], 1) if out["t_rollout"] else None
+    out["peak_memory_gb"] = round(peak_memory_mb(device) / 1024, 2)
+    out.update(model=a.model, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
+               prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens, lora=a.lora,
+               gradient_checkpointing=a.gradient_checkpointing, build_s=round(build_s, 1),
+               params_m=round(sum(p.numel() for p in lalm.model.parameters()) / 1e6, 1),
+               trainable_m=round(sum(p.numel() for p in params) / 1e6, 2))
+    if device.type == "cuda":
+        out["fits_80gb"] = out["peak_memory_gb"] < 80
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | qwen2-audio-7b (random init) | a model dir")
+    p.add_argument("--objective", default="cord")
+    p.add_argument("--prompts", type=int, default=4, help="B audio prompts per step")
+    p.add_argument("--seconds", type=float, default=3.0, help="audio length per prompt")
+    p.add_argument("--group-size", type=int, default=4, help="N rollouts per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--loss-memory", action="store_true", help="naive vs chunked Eq. 2, separate processes")
+    p.add_argument("--judge", action="store_true", help="time RuleJudge on 1,000 pairs")
+    p.add_argument("--loss-memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--V", type=int, default=151936)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the result here")
+    a = p.parse_args()
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") and not (a.loss_memory or a.loss_memory_child) else "float32")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.loss_memory_child:
+        print(json.dumps(loss_memory_child(a.loss_memory_child, a.V, a.T, a.B, a.dtype, a.device)))
+        return
+    result = judge_bench() if a.judge else loss_memory(a) if a.loss_memory else step_bench(a)
+    if a.json:
+        open(a.json, "w").write(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
