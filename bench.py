@@ -44,43 +44,64 @@ def peak_memory_mb(device) -> float:
 # --loss-memory: one variant per process, so each peak is its own
 
 
-def loss_memory_child(variant: str, V: int, T: int, B: int, dtype: str, device: str) -> dict:
+VARIANTS = ["logits-naive", "logits-chunked", "hidden-naive", "hidden-chunked", "hidden-fused"]
+
+
+def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, device: str) -> dict:
+    """Forward + backward of L_tok (Eq. 2-7) plus the GRPO log-probs, from logits or from hidden states.
+
+    logits-*: (B, T, V) student and teacher logits are the inputs (what token_reverse_kl takes).
+    hidden-*: the inputs are the final hidden states (B, T, C) and the lm_head weight (V, C), as in a
+    training step; naive/chunked make the logits with h @ W.T, fused never makes them.
+    """
     dev, dt = torch.device(device), getattr(torch, dtype)
     g = torch.Generator(device=dev).manual_seed(0)
-    s = (torch.randn(B, T, V, generator=g, device=dev) * 2).to(dt).requires_grad_(True)
-    t = (torch.randn(B, T, V, generator=g, device=dev) * 2).to(dt)
+    new = lambda *shape, scale=1.0: torch.empty(*shape, dtype=dt, device=dev).normal_(0, scale, generator=g)  # no temporaries
     mask = torch.ones(B, T, dtype=torch.bool, device=dev)
     mask[1, T // 2:] = False
+    y = torch.randint(0, V, (B, T), generator=g, device=dev)
+    if variant.startswith("logits"):
+        leaf, t = new(B, T, V, scale=2.0).requires_grad_(True), new(B, T, V, scale=2.0)
+    else:
+        leaf, h_t, W = new(B, T, C).requires_grad_(True), new(B, T, C), new(V, C, scale=C ** -0.5).requires_grad_(True)
     if dev.type == "cuda":
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
-    base = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated() / 2**20
+    inputs_mb = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated() / 2**20
     clock = time.perf_counter()
-    loss, _ = cord.cord_token_loss(s, t, mask, chunk_size=None if variant == "naive" else 64)
+    if variant == "hidden-fused":
+        D, logp = cord.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=64)
+    else:
+        chunk = None if variant.endswith("naive") else 64
+        s, t = (leaf, t) if variant.startswith("logits") else (leaf @ W.T, h_t @ W.T)
+        D, logp = cord.token_reverse_kl(s, t, mask, chunk), cord.token_logprobs(s, y, chunk)
+    loss = cord.weighted_token_loss(D, mask)[0] + (logp * mask).sum() / mask.sum()
     loss.backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return {"variant": variant, "loss": loss.item(), "grad_sum": s.grad.float().abs().sum().item(),
-            "grad_probe": s.grad[0, :4, :4].float().flatten().tolist(), "seconds": time.perf_counter() - clock,
-            "peak_mb": peak_memory_mb(dev), "inputs_mb": base}
+    grad = leaf.grad.float()
+    return {"variant": variant, "loss": loss.item(), "grad_sum": grad.abs().sum().item(),
+            "grad_probe": grad.flatten()[:64].tolist(), "seconds": time.perf_counter() - clock,
+            "peak_mb": peak_memory_mb(dev), "inputs_mb": inputs_mb}
 
 
 def loss_memory(a) -> dict:
     rows = {}
-    for variant in ("naive", "chunked"):
+    for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--loss-memory-child", variant, "--V", str(a.V), "--T", str(a.T),
-               "--B", str(a.B), "--dtype", a.dtype, "--device", a.device]
+               "--B", str(a.B), "--C", str(a.C), "--dtype", a.dtype, "--device", a.device]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    n, c = rows["naive"], rows["chunked"]
-    summary = {"V": a.V, "T": a.T, "B": a.B, "dtype": a.dtype, "device": a.device,
-               "naive_peak_mb": round(n["peak_mb"]), "chunked_peak_mb": round(c["peak_mb"]),
-               "ratio": round(c["peak_mb"] / n["peak_mb"], 3),
-               "naive_s": round(n["seconds"], 2), "chunked_s": round(c["seconds"], 2),
-               "same_loss": abs(n["loss"] - c["loss"]) <= 1e-5 * abs(n["loss"]),
-               "same_grad": bool(np.allclose(n["grad_probe"], c["grad_probe"], rtol=1e-4, atol=1e-9))
-               and abs(n["grad_sum"] - c["grad_sum"]) <= 1e-4 * n["grad_sum"]}
+    summary = {"V": a.V, "T": a.T, "B": a.B, "C": a.C, "dtype": a.dtype, "device": a.device,
+               "memory": "CUDA max_memory_allocated" if a.device.startswith("cuda") else "process max-RSS"}
+    for v, r in rows.items():
+        base = rows[v.split("-")[0] + "-naive"]
+        summary[v] = {"peak_mb": round(r["peak_mb"]), "above_inputs_mb": round(r["peak_mb"] - r["inputs_mb"]),
+                      "ratio_to_naive": round(r["peak_mb"] / base["peak_mb"], 3), "seconds": round(r["seconds"], 2),
+                      "same_loss": abs(r["loss"] - base["loss"]) <= 1e-5 * abs(base["loss"]),
+                      "same_grad": bool(np.allclose(r["grad_probe"], base["grad_probe"], rtol=1e-3, atol=1e-8))
+                      and abs(r["grad_sum"] - base["grad_sum"]) <= 1e-3 * base["grad_sum"]}
     print(json.dumps(summary, indent=1))
     return summary
 
@@ -137,8 +158,11 @@ def build_bench_model(name: str, dtype, device):
     tok = processor.tokenizer
     config = Qwen2AudioConfig(**QWEN2_AUDIO_7B, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in bf16 on the GPU
     with torch.device(device):
-        model = Qwen2AudioForConditionalGeneration(config).to(dtype)
+        model = Qwen2AudioForConditionalGeneration(config)
+    torch.set_default_dtype(default)
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, processor
 
@@ -230,12 +254,13 @@ def main():
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--B", type=int, default=2)
+    p.add_argument("--C", type=int, default=1024, help="hidden size for the hidden-* variants")
     p.add_argument("--json", default=None, help="also write the result here")
     a = p.parse_args()
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") and not (a.loss_memory or a.loss_memory_child) else "float32")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.loss_memory_child:
-        print(json.dumps(loss_memory_child(a.loss_memory_child, a.V, a.T, a.B, a.dtype, a.device)))
+        print(json.dumps(loss_memory_child(a.loss_memory_child, a.V, a.T, a.B, a.C, a.dtype, a.device)))
         return
     result = judge_bench() if a.judge else loss_memory(a) if a.loss_memory else step_bench(a)
     if a.json:

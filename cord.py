@@ -310,7 +310,7 @@ def completion_hidden(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
     P = prompt_embeds.shape[1]
     x = torch.cat([prompt_embeds, lalm.base.get_input_embeddings()(y[:, :-1])], 1)  # (B, P+T-1, C)
     mask = torch.cat([prompt_mask, y_mask[:, :-1].long()], 1)  # (B, P+T-1)
-    h = lalm.base.get_decoder()(inputs_embeds=x, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state
+    h = lalm.base.get_decoder()(inputs_embeds=x, attention_mask=mask, position_ids=_positions(mask), use_cache=False).last_hidden_state
     return h[:, P - 1:]  # (B, T, C): position P-1+t sees x_{<P} and y_{<t}
 
 
@@ -623,13 +623,13 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
     pos = pos[:, -1:].repeat_interleave(n, 0)  # (B*n, 1)
     taus = torch.tensor([temperature] * n if isinstance(temperature, (int, float)) else temperature, device=h.device)
     tau = taus.repeat(prompt_embeds.shape[0])[:, None].float()  # (B*n, 1)
-    eos = torch.tensor(lalm.eos_ids, device=h.device)
+    eos, suppress = torch.tensor(lalm.eos_ids, device=h.device), torch.tensor(lalm.suppress_ids, device=h.device)
     pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
     done = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
     ys, alive = [], []
     for _ in range(max_new_tokens):
         logits = head(h).float()  # (B*n, V)
-        logits[:, lalm.suppress_ids] = float("-inf")
+        logits[:, suppress] = float("-inf")
         probs = torch.softmax(logits / tau.clamp(min=1e-5), -1)
         y = torch.where(tau[:, 0] > 0, torch.multinomial(probs, 1)[:, 0], logits.argmax(-1))  # (B*n,)
         y = y.masked_fill(done, pad)
