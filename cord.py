@@ -497,18 +497,18 @@ class _FusedHead(torch.autograd.Function):
         h_s, h_t, W, W_t, y, D = ctx.saved_tensors
         gh = torch.empty_like(h_s)
         gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[2] else None
-        for i in range(0, h_s.shape[0], ctx.chunk):
+        for i in range(0, h_s.shape[0], ctx.chunk):  # in-place ops: a few (chunk, V) buffers at a time
             sl = slice(i, i + ctx.chunk)
-            ls = F.log_softmax((h_s[sl] @ W.T).float(), -1)
+            ls = F.log_softmax((h_s[sl] @ W.T).float(), -1)  # (chunk, V)
             p = ls.exp()
-            g = (-p).scatter_add_(-1, y[sl, None], torch.ones_like(p[:, :1])) * glogp[sl, None]  # d logp / ds
+            g = (p * -glogp[sl, None]).scatter_add_(-1, y[sl, None], glogp[sl, None])  # d logp / ds = onehot - p
             if h_t is not None:
                 lt = F.log_softmax((h_t[sl] @ W_t.T).float(), -1)
-                g += p * (ls - lt - D[sl, None]) * gD[sl, None]  # d D / ds
+                g += ls.sub_(lt).sub_(D[sl, None]).mul_(p).mul_(gD[sl, None])  # d D / ds = p (ls - lt - D)
             g = g.to(W.dtype)
             gh[sl] = g @ W
             if gW is not None:
-                gW += (g.T @ h_s[sl]).float()
+                gW.addmm_(g.T.float(), h_s[sl].float())  # no (V, C) temporary
         return gh, None, None if gW is None else gW.to(W.dtype), None, None, None
 
 
@@ -873,7 +873,7 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     params = configure_trainable(lalm, args)
     if args.gradient_checkpointing:
-        lalm.model.gradient_checkpointing_enable()
+        lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     teacher = Teacher(lalm, args.teacher)
     judge = make_judge(args, lalm) if args.objective in ("cord", "grpo", "opd+grpo") else None
@@ -882,7 +882,9 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
         start = load_checkpoint(lalm, opt, ckpt)
         print(f"resumed from {ckpt} at step {start}")
     torch.manual_seed(args.seed) if start == 0 else None
-    log = open(out / "metrics.jsonl", "a")
+    kept = [l for l in open(out / "metrics.jsonl")][:start] if start and (out / "metrics.jsonl").is_file() else []
+    log = open(out / "metrics.jsonl", "w")  # a resumed run drops the lines of steps after its checkpoint
+    log.writelines(kept)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.objective}", dynamic_ncols=True)
     for step in bar:
         clock = time.perf_counter()
