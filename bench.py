@@ -69,9 +69,9 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
     inputs_mb = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated() / 2**20
     clock = time.perf_counter()
     if variant == "hidden-fused":
-        D, logp = cord.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=64)
+        D, logp = cord.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=32)
     else:
-        chunk = None if variant.endswith("naive") else 64
+        chunk = None if variant.endswith("naive") else 32
         s, t = (leaf, t) if variant.startswith("logits") else (leaf @ W.T, h_t @ W.T)
         D, logp = cord.token_reverse_kl(s, t, mask, chunk), cord.token_logprobs(s, y, chunk)
     loss = cord.weighted_token_loss(D, mask)[0] + (logp * mask).sum() / mask.sum()
@@ -241,7 +241,7 @@ def main():
     p.add_argument("--seconds", type=float, default=3.0, help="audio length per prompt")
     p.add_argument("--group-size", type=int, default=4, help="N rollouts per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=3)

@@ -101,7 +101,7 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     batch_size: int = field(default=8, metadata={"help": "B: audio prompts per step"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    chunk_size: Optional[int] = field(default=64, metadata={"help": "positions per chunk in the exact KL (memory)"})
+    chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (memory)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first n items"})
@@ -111,6 +111,7 @@ class Args:
     device: Optional[str] = field(default=None, metadata={"help": "cuda / cpu; none = cuda if available"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard a full fine-tune across ranks (FSDP2)"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,44 +806,72 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
 
 
 def batch_at(n_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Indices of step `step`: epoch-wise permutations fixed by the seed, so a resumed run sees the same batches."""
-    out = []
+    """Indices of step `step`: epoch-wise permutations fixed by the seed, so a resumed run sees the same batches.
+
+    Under torchrun this is the global batch (per-rank batch x world size); rank r takes slice r of it.
+    """
+    out, perms = [], {}
     for i in range(step * batch_size, (step + 1) * batch_size):
         epoch, j = divmod(i, n_examples)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_examples)[j]))
+        if epoch not in perms:  # one permutation per epoch touched, not one per index
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        out.append(int(perms[epoch][j]))
     return out
 
 
 def save_checkpoint(lalm: LALM, opt, step: int, args: Args) -> Path:
-    """Write checkpoint-<step> into a temporary folder, then rename: a crash never leaves half a checkpoint."""
-    out = Path(args.output)
+    """Write checkpoint-<step> into a temporary folder, then rename: a crash never leaves half a checkpoint.
+
+    The folder is an ordinary save_pretrained folder plus optimizer.pt, rng.pt (one RNG state per rank)
+    and state.json, written last, listing every file's size. Under torchrun every rank calls this (FSDP
+    gathers its shards, each rank hands over its RNG state) and rank 0 alone writes.
+    """
+    import signal
+
+    rank, world = rank_world()
+    out, dev = Path(args.output), lalm.device
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lalm.model.save_pretrained(tmp, safe_serialization=True)
-    for part in (lalm.processor or lalm.tokenizer, lalm.feature_extractor):
-        part.save_pretrained(tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=1))  # written last
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    rng = gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
+    weights, opt_state = fsdp_gather(lalm, opt) if args.fsdp else (None, opt.state_dict())  # dist: every rank takes part
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_folder(lalm, lalm.model, tmp, weights)
+        torch.save(opt_state, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")  # list: rank r's state at index r
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world, "files": files, "args": asdict(args)}, indent=1))
+        fsync_tree(tmp)  # on disk before the rename publishes it (a node crash, not only a killed process)
+        if os.environ.get("CORD_TEST_KILL_IN_SAVE") == str(step):  # test hook (test_cord.py): die between write and rename
+            os.kill(os.getpid(), signal.SIGKILL)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic: checkpoint-<step> is complete or absent
+        fsync_tree(out, files=False)
+    if world > 1:
+        torch.distributed.barrier()  # dist: no rank goes on before the checkpoint exists
     return final
 
 
 def last_checkpoint(output: str) -> Optional[Path]:
-    """The newest complete checkpoint; incomplete or corrupted ones are reported and skipped."""
+    """The newest complete checkpoint; incomplete or corrupted ones are reported and skipped.
+
+    Complete = state.json parses, names the folder's step, and every file it lists has its recorded size
+    (a truncated or missing file fails); .tmp-checkpoint-* folders (a write cut short) are never candidates.
+    """
     for ckpt in sorted(Path(output).glob("checkpoint-*"), reverse=True):
         try:
-            step = json.loads((ckpt / "state.json").read_text())["step"]
-            assert step == int(ckpt.name.split("-")[1]) and (ckpt / "optimizer.pt").is_file()
+            state = json.loads((ckpt / "state.json").read_text())
+            assert state["step"] == int(ckpt.name.split("-")[1]) and (ckpt / "optimizer.pt").is_file()
             assert any(ckpt.glob("*.safetensors"))
+            bad = [f for f, size in state.get("files", {}).items() if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size]
+            assert not bad, f"{bad[0]} missing or of the wrong size"
             return ckpt
-        except (OSError, ValueError, KeyError, AssertionError):
-            print(f"skipping {ckpt}: incomplete or corrupted checkpoint", file=sys.stderr)
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            print(f"skipping {ckpt}: incomplete or corrupted checkpoint ({type(e).__name__}: {e})", file=sys.stderr)
     return None
 
 
-def load_checkpoint(lalm: LALM, opt, ckpt: Path) -> int:
+def load_checkpoint(lalm: LALM, ckpt: Path) -> None:
+    """A checkpoint's weights into the model (before FSDP shards it; load_training_state does the rest)."""
     from safetensors.torch import load_file
 
     if hasattr(lalm.model, "disable_adapter"):
@@ -859,54 +888,197 @@ def load_checkpoint(lalm: LALM, opt, ckpt: Path) -> int:
                 raise SystemExit(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:
             load_sharded_checkpoint(lalm.model, ckpt, strict=False)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=lalm.device, weights_only=True))
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+
+
+def load_training_state(lalm: LALM, opt, ckpt: Path, args: Args) -> int:
+    """The optimizer state and this rank's RNG state from a checkpoint -> its step."""
+    rank, world = rank_world()
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("world_size", 1) != world:  # the global batch and each rank's sampling stream depend on it
+        raise SystemExit(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it with as many (this run: {world})")
+    if state["args"].get("fsdp", False) != args.fsdp:  # the two optimizer-state layouts differ
+        raise SystemExit(f"{ckpt} was written with --fsdp {state['args'].get('fsdp', False)}; resume it with the same")
+    if args.fsdp:  # dist: rank 0 reads the full optimizer state and FSDP scatters each rank its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        full = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True) if rank == 0 else {}
+        set_optimizer_state_dict(lalm.model, opt, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=lalm.device, weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)[rank]  # dist: each rank continues its own stream
     torch.set_rng_state(rng["cpu"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())["step"]
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], lalm.device)
+    return state["step"]
+
+
+# Distributed helpers (torchrun). Every rank runs train() on its own slice of the global batch; in a
+# plain `python cord.py` run rank = 0, world = 1 and none of these is called. Lines of train() and
+# the checkpoint functions that matter only with several processes are marked `# dist:`.
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) in one process."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in one process."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+
+def all_reduce_grads(params: list) -> None:
+    """Average the gradients over ranks, as DDP does: the result is the global batch's gradient.
+
+    Not DDP(model): DDP reduces in autograd hooks that its wrapper's forward() arms, and train_step
+    never calls model.forward (it calls the audio encoder and the decoder directly and uses the lm_head
+    weight inside _FusedHead), so those hooks would never fire. Every loss is a mean over sequences
+    and every rank holds B of them, so the mean of the ranks' gradients equals the gradient of one
+    process on all B * world (exactly, except --grpo_reduction token, which is a mean over tokens).
+    """
+    world = torch.distributed.get_world_size()
+    for p in params:  # a parameter this rank did not use still joins the sum, with zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]  # sum; NCCL batches them
+    for p, h in zip(params, handles):
+        h.wait()
+        p.grad.div_(world)
+
+
+def shard_fsdp(lalm: LALM) -> list:
+    """--fsdp: FSDP2, one unit per decoder layer plus the root (embeddings, lm_head, norm, audio encoder).
+
+    FSDP gathers a unit's parameters in hooks around its forward(). The decoder layers are always called
+    through forward(); the root's forward() never is: train_step reaches the root's modules through
+    get_input_embeddings() / get_decoder() / get_output_embeddings() (and lm_head.weight inside
+    _FusedHead). Registering those three getters as FSDP forward methods (the documented hook for
+    entry points other than forward) gathers the root's parameters before any of them is touched; they
+    stay gathered (FSDP never reshards its root after forward) until FSDP's end-of-backward callback
+    reduce-scatters their gradients and reshards them. Decoder layers are not resharded after forward
+    either (ZeRO-2 style): a rollout calls every layer once per generated token, and resharding would
+    all-gather each layer T times per step; gradients and AdamW states stay sharded. Returns the
+    trainable parameters, now DTensor shards.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if rank_world()[1] == 1 and not torch.distributed.is_initialized():
+        raise SystemExit("--fsdp shards the model across processes: launch with torchrun (README: several GPUs)")
+    if hasattr(lalm.model, "disable_adapter"):
+        raise SystemExit("--fsdp is for full fine-tuning; with --train lora launch torchrun without --fsdp")
+    for layer in lalm.base.get_decoder().layers:
+        fully_shard(layer, reshard_after_forward=False)
+    fully_shard(lalm.model)
+    for name in ("get_input_embeddings", "get_decoder", "get_output_embeddings"):
+        register_fsdp_forward_method(lalm.model, name)
+    lalm.model.get_input_embeddings(), lalm.model.reshard()  # the first module FSDP sees run becomes its root
+    return [p for p in lalm.model.parameters() if p.requires_grad]  # sharded: FSDP swaps gathered ones in and out
+
+
+def fsdp_gather(lalm: LALM, opt=None) -> tuple[dict, Optional[dict]]:
+    """--fsdp: full weights (and optimizer state) on rank 0's CPU, empty elsewhere; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(lalm.model, options=full), get_optimizer_state_dict(lalm.model, opt, options=full) if opt else None
+
+
+def save_model_folder(lalm: LALM, model, folder: Path, weights: Optional[dict] = None) -> None:
+    """An ordinary save_pretrained folder (model, processor or tokenizer, feature extractor); weights: gathered FSDP ones."""
+    model.save_pretrained(folder, safe_serialization=True, **({} if weights is None else {"state_dict": weights}))
+    for part in (lalm.processor or lalm.tokenizer, lalm.feature_extractor):
+        part.save_pretrained(folder)
+
+
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (files=True) and its list of entries to disk (POSIX)."""
+    for f in folder.rglob("*") if files else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
-    """The flat loop: batch -> train_step -> clip -> AdamW; a JSON line of metrics per step."""
+    """The flat loop: batch -> train_step -> clip -> AdamW; a JSON line of metrics per step.
+
+    Under torchrun every rank runs this loop on its slice of the global batch (B per rank x world size),
+    gradients are averaged over ranks (all_reduce_grads, or FSDP's reduce-scatter with --fsdp), and rank 0
+    alone logs and writes checkpoints (each holding every rank's RNG state).
+    """
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = rank_world()  # dist: (0, 1) in one process
+    B = args.batch_size  # per process; the global batch is B * world
     params = configure_trainable(lalm, args)
     if args.gradient_checkpointing:
         lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    teacher = Teacher(lalm, args.teacher)
+    teacher = Teacher(lalm, args.teacher)  # before a checkpoint loads: a frozen teacher keeps the initial weights
     judge = make_judge(args, lalm) if args.objective in ("cord", "grpo", "opd+grpo") else None
-    start = 0
-    if args.resume and (ckpt := last_checkpoint(args.output)):
-        start = load_checkpoint(lalm, opt, ckpt)
-        print(f"resumed from {ckpt} at step {start}")
-    torch.manual_seed(args.seed) if start == 0 else None
-    kept = [l for l in open(out / "metrics.jsonl")][:start] if start and (out / "metrics.jsonl").is_file() else []
-    log = open(out / "metrics.jsonl", "w")  # a resumed run drops the lines of steps after its checkpoint
-    log.writelines(kept)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.objective}", dynamic_ncols=True)
+    ckpt = last_checkpoint(args.output) if args.resume and rank == 0 else None
+    ckpt = gather_objects(ckpt)[0]  # dist: every rank resumes from the checkpoint rank 0 found
+    if ckpt:
+        load_checkpoint(lalm, ckpt)
+    if args.fsdp:
+        params = shard_fsdp(lalm)  # dist: the parameters become this rank's shards
+    elif world > 1:
+        for p in params:  # dist: every rank starts from rank 0's weights, as DDP does
+            torch.distributed.broadcast(p.data, 0)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = load_training_state(lalm, opt, ckpt, args) if ckpt else 0
+    if start == 0:
+        torch.manual_seed(args.seed + rank)  # dist: each rank samples its own rollouts
+    log = None
+    if rank == 0:
+        print(f"resumed from {ckpt} at step {start}") if ckpt else None
+        print(f"global batch: {B * world} prompts per step = {B} per process x {world} process(es)")
+        kept = [l for l in open(out / "metrics.jsonl")][:start] if start and (out / "metrics.jsonl").is_file() else []
+        log = open(out / "metrics.jsonl", "w")  # a resumed run drops the lines of steps after its checkpoint
+        log.writelines(kept)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.objective}", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         clock = time.perf_counter()
-        batch = [examples[i] for i in batch_at(len(examples), step, args.batch_size, args.seed)]
+        ids = batch_at(len(examples), step, B * world, args.seed)[rank * B:(rank + 1) * B]  # dist: this rank's slice
+        batch = [examples[i] for i in ids]
         opt.zero_grad(set_to_none=True)
         _, m = train_step(lalm, teacher, judge, batch, args)
         t0 = _sync_time(lalm.device)
-        m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        if world > 1 and not args.fsdp:
+            all_reduce_grads(params)  # dist: (FSDP has already reduce-scattered them in backward)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        m["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
         opt.step()
         m["t_optimizer"] = _sync_time(lalm.device) - t0
-        m.update(step=step + 1, t_step=time.perf_counter() - clock)
-        log.write(json.dumps(m) + "\n"), log.flush()
-        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
+        m.update(t_step=time.perf_counter() - clock)
+        if world > 1:  # dist: log the mean over ranks
+            ms = gather_objects(m)
+            m = {k: float(np.mean([x[k] for x in ms if k in x])) for k in dict.fromkeys(k for x in ms for k in x)}
+        m["step"] = step + 1
+        if log:
+            log.write(json.dumps(m) + "\n"), log.flush()
+            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(lalm, opt, step + 1, args)
-    final = out / "final"
-    if final.exists():
-        shutil.rmtree(final)
+    final, tmp = out / "final", out / ".tmp-final"
     model = lalm.model.merge_and_unload() if hasattr(lalm.model, "merge_and_unload") else lalm.model
-    model.save_pretrained(final, safe_serialization=True)
-    for part in (lalm.processor or lalm.tokenizer, lalm.feature_extractor):
-        part.save_pretrained(final)
+    weights = fsdp_gather(lalm)[0] if args.fsdp else None  # dist: every rank takes part
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_folder(lalm, model, tmp, weights)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if world > 1:
+        torch.distributed.barrier()  # dist: final/ exists when train() returns on any rank
     return final
 
 
@@ -965,8 +1137,18 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
 
 
 def setup(args: Args) -> LALM:
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # every rank alike: same init
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():  # dist: started by torchrun
+        import atexit
+        import datetime
+
+        if device.type == "cuda":  # one GPU per process
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        # a long timeout: the other ranks wait while rank 0 writes a checkpoint
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+        atexit.register(torch.distributed.destroy_process_group)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     return load_lalm(args.model, dtype, device, args.trust_remote_code)

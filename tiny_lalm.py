@@ -1,18 +1,48 @@
-"""Builds a tiny Qwen2-Audio LALM locally (no hub download) for tests and the CPU demo of cord.py.
+"""Builds, trains and caches the tiny Qwen2-Audio LALM that `python cord.py` (no --model) starts from: a model that hears worse than it reads.
 
-Nothing can be downloaded here, and most readers have no GPU, so tests and
-`python cord.py` (no --model) need a model in the *real* transformers
-architecture (`Qwen2AudioForConditionalGeneration`) with a real processor:
-a byte-level BPE tokenizer trained on the fly, the Qwen2-Audio chat template
-and a Whisper feature extractor with a short chunk.
+No real audio LLM can be downloaded here and most readers have no GPU, so the CPU demo needs a model in
+the *real* transformers architecture (`Qwen2AudioForConditionalGeneration`, with a real processor: a
+byte-level BPE tokenizer trained on the fly, the Qwen2-Audio chat template, a Whisper feature extractor
+with a short chunk) that shows the paper's situation: the same question is answered well when read and
+worse when heard. It is built in three stages, deterministically from a seed, and cached:
 
-    processor = build_processor(["what is two plus three?", ...])
-    model = build_model(processor)            # random init, a few M params
+    0. data: two-step spoken arithmetic ("What is seven plus six minus two?"), voiced offline by
+       data_gen.py's TTS with several voices and speeds; held-out eval and dev questions are disjoint
+       from the training questions;
+    1. text: the language model learns, teacher-forced on text prompts, to answer with a short chain,
+       "7+6=13. 13-2=11. The answer is 11." (high text accuracy);
+    2. audio alignment: language model frozen, the audio encoder + projector learn to map speech into it,
+       with dense supervision (the answer chain through the frozen LM, plus a CTC loss that reads the
+       transcript's tokens off the projected audio frames, scored against the LM's own embeddings), and
+       stop early once audio accuracy on the dev set reaches `target_audio`: the audio path works, but
+       clearly worse than text (a real, partial audio-text gap for CORD to close).
+
+Usage:
+    python tiny_lalm.py                          # build (or load) .cache/tiny_lalm and print the stats
+    model, processor, train_manifest, eval_manifest = load_or_build()
+    evaluate(model, processor, eval_manifest)    # {'acc_text': ..., 'acc_audio': ..., 'gap': ...}
+
+Prompts (use `messages(row, modality)` to build the same ones): the user turn is
+[audio, INSTRUCTION] for audio and "<transcript>\\n" + INSTRUCTION for text, in the Qwen2-Audio template
+(default system prompt). Stage 1 also sees " " and "" as the separator, so either rendering works.
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2AudioConfig,
@@ -22,6 +52,11 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+INSTRUCTION = "Solve it."
+SR = 16000
+# Voices mixed per clip ("backend:voice:speed", see data_gen.synthesize): two fast engines, several speeds.
+# (piper is ~10x slower per clip than these; without espeak-ng installed, hibari's speeds are used alone.)
+VOICES = ("hibari:heart:0.9", "hibari:heart:1.05", "hibari:heart:1.25", "espeak:en-us:175", "espeak:en-us+f3:150")
 
 # The Qwen2-Audio-7B-Instruct chat template (default system prompt, "Audio N:" prefix).
 CHAT_TEMPLATE = (
@@ -40,6 +75,81 @@ CHAT_TEMPLATE = (
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# The task: two-step arithmetic on spoken single digits, answered with a short chain
+
+def chain_problems(seed: int = 0, max_operand: int = 9) -> list[dict]:
+    """Every "a ± b ± c" with operands 0..max_operand and no negative step, shuffled by seed.
+
+    Each held-out question is new, but its two one-digit facts are not: text accuracy needs the facts
+    and their composition, not arithmetic beyond the training set.
+    >>> p = chain_problems()[0]; sorted(p)
+    ['answer', 'id', 'source', 'text', 'written']
+    """
+    from data_gen import spoken_form
+
+    out = []
+    for a in range(max_operand + 1):
+        for b in range(max_operand + 1):
+            for c in range(max_operand + 1):
+                for o1 in "+-":
+                    for o2 in "+-":
+                        r1 = a + b if o1 == "+" else a - b
+                        r2 = r1 + c if o2 == "+" else r1 - c
+                        if r1 < 0 or r2 < 0:
+                            continue
+                        written = f"What is {a} {o1} {b} {o2} {c}?"
+                        name = f"{a}{'p' if o1 == '+' else 'm'}{b}{'p' if o2 == '+' else 'm'}{c}"
+                        out.append({"id": f"chain-{name}", "text": spoken_form(written), "answer": str(r2),
+                                    "written": written, "source": "tiny:chain"})
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def solution(row: dict) -> str:
+    """The reference completion for a row with `written` ("What is 7 + 6 - 2?"): a left-to-right chain.
+
+    >>> solution({"written": "What is 7 + 6 - 2?"})
+    '7+6=13. 13-2=11. The answer is 11.'
+    """
+    tokens = re.findall(r"\d+|[+-]", row["written"])
+    r, steps = int(tokens[0]), []
+    for op, x in zip(tokens[1::2], tokens[2::2]):
+        new = r + int(x) if op == "+" else r - int(x)
+        steps.append(f"{r}{op}{x}={new}.")
+        r = new
+    return " ".join(steps) + f" The answer is {r}."
+
+
+def make_data(root, n_train: int | None = None, n_eval: int = 500, seed: int = 0, voices=VOICES,
+              n_dev: int = 200, takes: int = 2, workers: int = 2) -> tuple[Path, Path, Path]:
+    """Voice the problems with data_gen into root/{train,dev,eval}/manifest.jsonl (+ wavs/, 16 kHz).
+
+    Questions are split disjointly: n_eval for eval, n_dev for early stopping, n_train (default: all
+    the rest) for training, each training question voiced `takes` times with seeded voice choices.
+    Returns the three manifest paths (train, dev, eval).
+    """
+    from data_gen import write_manifest
+
+    if not shutil.which("espeak-ng") and any(v.startswith("espeak") for v in voices):
+        voices = [v for v in voices if not v.startswith("espeak")] or ["hibari"]
+        print(f"espeak-ng not installed: voicing with {voices} only")
+    root, problems = Path(root), chain_problems(seed)
+    n_train = len(problems) - n_eval - n_dev if n_train is None else n_train
+    if n_eval + n_dev + n_train > len(problems):
+        raise ValueError(f"only {len(problems)} distinct questions; asked for {n_eval}+{n_dev}+{n_train}")
+    eval_q, dev_q = problems[:n_eval], problems[n_eval:n_eval + n_dev]
+    train_q = problems[n_eval + n_dev:n_eval + n_dev + n_train]
+    train = [dict(p, id=f"{p['id']}-t{k}") for p in train_q for k in range(takes)]
+    paths = []
+    for name, rows in (("train", train), ("dev", dev_q), ("eval", eval_q)):
+        paths.append(write_manifest(rows, root / name, voices=list(voices), workers=workers, seed=seed))
+    return tuple(paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processor and model
+
 def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `corpus`, digits split one by one (as Qwen's tokenizer does)."""
     tok = Tokenizer(models.BPE())
@@ -53,7 +163,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    template_text = "system user assistant You are a helpful assistant. Audio 1: The answer is \\boxed{}"
+    template_text = f"system user assistant You are a helpful assistant. Audio 1: The answer is \\boxed{{}} {INSTRUCTION}"
     tok.train_from_iterator(list(corpus) + [template_text] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -67,7 +177,8 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
 
 
 def build_processor(corpus: list[str], vocab_size: int = 512, chunk_seconds: int = 4, n_mels: int = 80) -> Qwen2AudioProcessor:
-    """A Qwen2AudioProcessor: trained tokenizer + Whisper features padded to `chunk_seconds`."""
+    """A Qwen2AudioProcessor: trained tokenizer + Whisper features padded to `chunk_seconds`
+    (10 ms frames: the encoder sees 50 frames/s after its stride-2 conv, the LM 25 audio tokens/s)."""
     feature_extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=chunk_seconds)
     tokenizer = build_tokenizer(corpus, vocab_size)
     return Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
@@ -75,13 +186,13 @@ def build_processor(corpus: list[str], vocab_size: int = 512, chunk_seconds: int
 
 def build_model(
     processor: Qwen2AudioProcessor,
-    d_audio: int = 64,
+    d_audio: int = 128,
     audio_layers: int = 2,
     d_text: int = 128,
     text_layers: int = 4,
     seed: int = 0,
 ) -> Qwen2AudioForConditionalGeneration:
-    """A randomly initialised Qwen2AudioForConditionalGeneration sized for a CPU (a few M params)."""
+    """A randomly initialised Qwen2AudioForConditionalGeneration sized for a CPU (about 1.5 M params)."""
     tok, fe = processor.tokenizer, processor.feature_extractor
     config = Qwen2AudioConfig(
         audio_config=dict(
@@ -115,3 +226,367 @@ def build_model(
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and batches
+
+def messages(row: dict, modality: str, sep: str = "\n") -> list[dict]:
+    """The chat for one manifest row: x_a (audio + instruction) or x_t (transcript + same instruction)."""
+    if modality == "audio":
+        content = [{"type": "audio", "audio": row["audio"]}, {"type": "text", "text": INSTRUCTION}]
+    else:
+        content = [{"type": "text", "text": row["text"] + sep + INSTRUCTION}]
+    return [{"role": "user", "content": content}]
+
+
+def _prompt(processor, row, modality, sep="\n") -> str:
+    return processor.apply_chat_template(messages(row, modality, sep), add_generation_prompt=True, tokenize=False)
+
+
+def _load_audio(row: dict, base: Path) -> np.ndarray:
+    audio, sr = sf.read(str(base / row["audio"]), dtype="float32")
+    assert sr == SR, f"{row['audio']}: {sr} Hz, expected {SR}"
+    return audio
+
+
+def _rows(manifest) -> tuple[list[dict], Path]:
+    """(rows, folder the audio paths are relative to) from a manifest path or a list of rows."""
+    if isinstance(manifest, (str, Path)):
+        from data_gen import read_manifest
+        return read_manifest(manifest), Path(manifest).parent
+    return list(manifest), Path(".")
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to (B, T); returns (ids, attention mask)."""
+    T = max(map(len, seqs))
+    out, mask = torch.full((len(seqs), T), value, dtype=torch.long), torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return out, mask
+
+
+class AudioCache:
+    """Whisper features and expanded audio-prompt ids of every clip, computed once (stage 2 reuses them)."""
+
+    def __init__(self, processor, rows: list[dict], base: Path, batch: int = 128):
+        tok = processor.tokenizer
+        self.rows, self.feats, self.fmask, self.ids = rows, [], [], []
+        for i in range(0, len(rows), batch):
+            part = rows[i:i + batch]
+            enc = processor(text=[_prompt(processor, r, "audio") for r in part],
+                            audio=[_load_audio(r, base) for r in part], sampling_rate=SR)
+            self.feats.append(torch.tensor(np.asarray(enc["input_features"]), dtype=torch.float16))
+            self.fmask.append(torch.tensor(np.asarray(enc["feature_attention_mask"]), dtype=torch.bool))
+            self.ids.extend(enc["input_ids"])
+        self.feats, self.fmask = torch.cat(self.feats), torch.cat(self.fmask)   # (N, n_mels, frames), (N, frames)
+        self.completion = [tok(solution(r) + tok.eos_token, add_special_tokens=False).input_ids for r in rows]
+        self.transcript = [tok(r["text"], add_special_tokens=False).input_ids for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pieces (the same computation as Qwen2AudioForConditionalGeneration.forward, opened up)
+
+def audio_embeddings(model, input_features, feature_attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected audio tokens (B, Ta, D) and their valid lengths (B,), as the model's forward makes them."""
+    enc = model.audio_tower
+    feat_len, out_len = enc._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
+    B, _, n_frames = input_features.shape
+    S = (n_frames - 2) // 2 + 1                                                       # after conv2
+    pad = torch.arange(S)[None, :] >= feat_len[:, None]                               # (B, S)
+    mask = torch.zeros(B, 1, S, S, dtype=enc.conv1.weight.dtype)
+    mask.masked_fill_(pad[:, None, None, :], float("-inf"))                           # (B, 1, S, S)
+    h = enc(input_features.to(enc.conv1.weight.dtype), attention_mask=mask).last_hidden_state   # (B, Ta, d_audio)
+    return model.multi_modal_projector(h), out_len                                   # (B, Ta, D), (B,)
+
+
+def _merge(model, input_ids, audio_emb, audio_len) -> torch.Tensor:
+    """inputs_embeds (B, T, D) with the audio tokens' embeddings replaced by the projected audio."""
+    emb = model.get_input_embeddings()(input_ids)                                     # (B, T, D)
+    valid = torch.arange(audio_emb.shape[1])[None, :] < audio_len[:, None]            # (B, Ta)
+    slots = (input_ids == model.config.audio_token_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(slots, audio_emb[valid].to(emb.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: batched greedy decoding, last number vs answer
+
+def last_number(text: str):
+    nums = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return nums[-1] if nums else None
+
+
+@torch.no_grad()
+def generate_answers(model, processor, rows, base, modality, batch_size=100, max_new_tokens=40) -> list[str]:
+    """Greedy completions (left padding) for rows in one modality."""
+    tok, was_training = processor.tokenizer, model.training
+    model.eval()
+    suppress = tok.convert_tokens_to_ids(["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"])
+    outs = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        prompts = [_prompt(processor, r, modality) for r in part]
+        if modality == "audio":
+            enc = processor(text=prompts, audio=[_load_audio(r, base) for r in part], sampling_rate=SR,
+                            padding=True, return_tensors="pt")
+        else:
+            enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=suppress)
+        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return outs
+
+
+def evaluate(model, processor, manifest, n: int | None = None, modalities=("text", "audio"), batch_size: int = 100) -> dict:
+    """Greedy accuracy from text and from audio on the first n items: {acc_text, acc_audio, gap, n}.
+
+    An item is right when the last number of the completion equals its answer. (cord.py has the full
+    evaluation with judge.py; this one is small, for the build's early stopping and stats.)
+    """
+    rows, base = _rows(manifest)
+    rows = rows[:n] if n else rows
+    out = {"n": len(rows)}
+    for m in modalities:
+        answers = generate_answers(model, processor, rows, base, m, batch_size)
+        out[f"acc_{m}"] = float(np.mean([last_number(a) == r["answer"] for a, r in zip(answers, rows)]))
+    if "acc_text" in out and "acc_audio" in out:
+        out["gap"] = out["acc_text"] - out["acc_audio"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the language model learns the task from text
+
+def _schedule(opt, steps, warmup):
+    """Linear warm-up, then linear decay to 10 % of the peak learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1.0 - s / max(1, steps)))
+
+
+def train_text(model, processor, examples: list[dict], steps: int = 800, batch_size: int = 64, lr: float = 5e-3,
+               seed: int = 0, log_every: int = 100) -> list[float]:
+    """Stage 1: teacher-forced SFT of the language model on text prompts; returns the loss curve.
+
+    Loss: cross-entropy on the completion tokens only, mean over all completion tokens in the batch.
+    The separator between transcript and instruction is drawn from ("\\n", " ", "") so the model does
+    not depend on how a caller renders the text prompt.
+    """
+    tok, lm = processor.tokenizer, model.language_model
+    rng, losses = random.Random(seed), []
+    torch.manual_seed(seed)
+    comp = [tok(solution(r) + tok.eos_token, add_special_tokens=False).input_ids for r in examples]
+    prompts = {sep: [tok(_prompt(processor, r, "text", sep), add_special_tokens=False).input_ids for r in examples]
+               for sep in ("\n", " ", "")}
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = _schedule(opt, steps, warmup=30)
+    lm.train()
+    bar = tqdm(range(steps), desc="stage 1 (text SFT)", unit="step")
+    for step in bar:
+        idx = [rng.randrange(len(examples)) for _ in range(batch_size)]
+        seps = [rng.choice(("\n", "\n", " ", "")) for _ in idx]
+        seqs = [prompts[s][i] + comp[i] for s, i in zip(seps, idx)]
+        labels = [[-100] * len(prompts[s][i]) + comp[i] for s, i in zip(seps, idx)]
+        (input_ids, mask), (labels, _) = _pad(seqs, tok.pad_token_id), _pad(labels, -100)   # (B, T) right-padded
+        logits = lm(input_ids=input_ids, attention_mask=mask).logits                          # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}")
+    lm.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: audio encoder + projector learn to map speech into the frozen language model
+
+def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int = 1500, batch_size: int = 32,
+                lr: float = 2e-3, ctc_weight: float = 1.0, target_audio: float = 0.42, eval_every: int = 50,
+                n_dev: int | None = None, seed: int = 0) -> dict:
+    """Stage 2: train audio_tower + multi_modal_projector (language model frozen), stop at target_audio.
+
+    Loss per step = CE(answer chain | audio prompt) + ctc_weight * CTC(transcript | projected audio):
+    - CE: cross-entropy of the reference completion through the frozen LM, mean over completion tokens;
+    - CTC: each projected audio frame is scored against the LM's input embeddings (+ one learned blank),
+      so the audio tokens learn to resemble the transcript's own token embeddings; mean over the batch
+      of the per-sequence CTC loss divided by the transcript length (torch's reduction="mean").
+    Every eval_every steps the greedy audio accuracy on the dev manifest is measured; training stops at
+    the first measurement >= target_audio (keeping whichever of the last two snapshots is closer to it).
+    Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [...]}.
+    """
+    rows, base = _rows(train_manifest)
+    dev_rows, dev_base = _rows(dev_manifest)
+    dev_rows = dev_rows[:n_dev] if n_dev else dev_rows
+    tok, lm = processor.tokenizer, model.language_model
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.time()
+    cache = AudioCache(processor, rows, base)
+    print(f"stage 2: {len(rows)} clips featurised in {time.time() - t0:.0f} s")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    trained = list(model.audio_tower.parameters()) + list(model.multi_modal_projector.parameters())
+    D = model.config.text_config.hidden_size
+    blank = torch.nn.Linear(D, 1)                                       # CTC blank score (aux head, discarded)
+    opt = torch.optim.AdamW(trained + list(blank.parameters()), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))   # warm-up, then constant
+    E = model.get_input_embeddings().weight.detach()                    # (V, D) frozen token embeddings
+    V = E.shape[0]
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+
+    curve, losses, prev = [], [], None
+    model.audio_tower.train(), model.multi_modal_projector.train(), lm.eval()
+    bar = tqdm(range(max_steps), desc="stage 2 (audio alignment)", unit="step")
+    for step in bar:
+        idx = [rng.randrange(len(rows)) for _ in range(batch_size)]
+        feats, fmask = cache.feats[idx].float(), cache.fmask[idx]        # (B, n_mels, frames), (B, frames)
+        a_emb, a_len = audio_embeddings(model, feats, fmask)             # (B, Ta, D), (B,)
+        seqs = [cache.ids[i] + cache.completion[i] for i in idx]
+        labels = [[-100] * len(cache.ids[i]) + cache.completion[i] for i in idx]
+        (input_ids, mask), (labels, _) = _pad(seqs, tok.pad_token_id), _pad(labels, -100)   # (B, T)
+        logits = lm(inputs_embeds=_merge(model, input_ids, a_emb, a_len), attention_mask=mask).logits   # (B, T, V)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        ctc_logits = torch.cat([a_emb @ E.T, blank(a_emb)], dim=-1)     # (B, Ta, V + 1), blank = index V
+        targets = [cache.transcript[i] for i in idx]
+        ctc = F.ctc_loss(ctc_logits.log_softmax(-1).transpose(0, 1),      # (Ta, B, V + 1)
+                         torch.tensor([t for ts in targets for t in ts]), a_len,
+                         torch.tensor([len(ts) for ts in targets]), blank=V, zero_infinity=True)
+        loss = ce + ctc_weight * ctc
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append((ce.item(), ctc.item()))
+        if (step + 1) % eval_every == 0 or step + 1 == max_steps:
+            acc = evaluate(model, processor, dev_rows if dev_base == Path(".") else dev_manifest,
+                           n=len(dev_rows), modalities=("audio",))["acc_audio"]
+            curve.append((step + 1, acc))
+            ce_m, ctc_m = np.mean(losses[-eval_every:], axis=0)
+            tqdm.write(f"stage 2 step {step + 1}: ce {ce_m:.3f} ctc {ctc_m:.3f} dev audio acc {acc:.3f}")
+            if acc >= target_audio:
+                if prev is not None and abs(prev[1] - target_audio) < abs(acc - target_audio):
+                    model.load_state_dict(prev[0], strict=False)
+                    curve.append(curve[-2])
+                break
+            prev = (snapshot(), acc)
+    for p in lm.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return {"steps": curve[-1][0], "dev_acc_audio": curve[-1][1], "curve": curve,
+            "loss": [[round(a, 4), round(b, 4)] for a, b in losses]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Build or load, with cached stages
+
+def _save(model, processor, path: Path, stats: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)                                        # safetensors
+    processor.save_pretrained(path)
+    (path / "tiny_lalm.json").write_text(json.dumps(stats, indent=1))
+
+
+def _load(path: Path):
+    from transformers import AutoProcessor
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(path)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def _cached(path: Path, settings: dict):
+    """The stats of a finished stage in `path` built with the same settings, else None."""
+    f = path / "tiny_lalm.json"
+    if f.exists() and (path / "model.safetensors").exists():
+        stats = json.loads(f.read_text())
+        if stats.get("settings") == settings:
+            return stats
+    return None
+
+
+def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
+                  n_dev: int = 200, takes: int = 2, voices=VOICES, d_audio: int = 128, audio_layers: int = 2,
+                  d_text: int = 128, text_layers: int = 4, text_steps: int = 800, text_lr: float = 5e-3,
+                  audio_max_steps: int = 1500, audio_lr: float = 2e-3, ctc_weight: float = 1.0,
+                  target_audio: float = 0.42, eval_every: int = 50, batch_size: int = 64, n_stats: int | None = None,
+                  threads: int | None = None):
+    """(model, processor, train_manifest, eval_manifest) of the tiny LALM; builds and caches what is missing.
+
+    cache_dir/ holds the final model (save_pretrained: safetensors + processor + tiny_lalm.json with the
+    build stats), cache_dir/stage1/ the text-trained model, cache_dir/data/ the voiced data. A stage is
+    rebuilt only when it is missing or was built with other settings; so changing a stage-2 setting
+    reruns stage 2 from the cached stage 1. n_stats: eval items for the final stats (default: all).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    cache = Path(cache_dir)
+    data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices))
+    s1_settings = dict(data_settings, d_audio=d_audio, audio_layers=audio_layers, d_text=d_text,
+                       text_layers=text_layers, text_steps=text_steps, text_lr=text_lr, batch_size=batch_size)
+    settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ctc_weight=ctc_weight,
+                    target_audio=target_audio, eval_every=eval_every, n_stats=n_stats)
+    train_m, dev_m, eval_m = (cache / "data" / s / "manifest.jsonl" for s in ("train", "dev", "eval"))
+    stats = _cached(cache, settings)
+    if stats is not None:
+        model, processor = _load(cache)
+        print(f"tiny LALM from {cache}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in ("acc_text", "acc_audio", "gap")))
+        return model, processor, train_m, eval_m
+
+    t_start = time.time()
+    times = {}
+    data_json = cache / "data" / "data.json"
+    if not (data_json.exists() and json.loads(data_json.read_text()) == data_settings and eval_m.exists()):
+        t0 = time.time()
+        make_data(cache / "data", n_train, n_eval, seed, voices, n_dev=n_dev, takes=takes)
+        data_json.write_text(json.dumps(data_settings))
+        times["data_s"] = time.time() - t0
+    from data_gen import read_manifest
+    train_rows = read_manifest(train_m)
+
+    s1 = _cached(cache / "stage1", s1_settings)
+    if s1 is None:
+        t0 = time.time()
+        corpus = [r["text"] + " " + solution(r) for r in train_rows] + [INSTRUCTION] * 50
+        processor = build_processor(corpus)
+        model = build_model(processor, d_audio, audio_layers, d_text, text_layers, seed)
+        questions = list({r["written"]: r for r in train_rows}.values())     # one row per question
+        losses = train_text(model, processor, questions, text_steps, batch_size, text_lr, seed)
+        acc = evaluate(model, processor, dev_m, modalities=("text",))["acc_text"]
+        times["stage1_s"] = time.time() - t0
+        s1 = dict(settings=s1_settings, dev_acc_text=acc, final_loss=float(np.mean(losses[-50:])), seconds=times["stage1_s"])
+        print(f"stage 1: dev text accuracy {acc:.3f} ({times['stage1_s']:.0f} s)")
+        _save(model, processor, cache / "stage1", s1)
+    model, processor = _load(cache / "stage1")
+
+    t0 = time.time()
+    s2 = train_audio(model, processor, train_m, dev_m, audio_max_steps, batch_size // 2, audio_lr, ctc_weight,
+                     target_audio, eval_every, seed=seed)
+    times["stage2_s"] = time.time() - t0
+    t0 = time.time()
+    ev = evaluate(model, processor, eval_m, n=n_stats)
+    times["eval_s"] = time.time() - t0
+    stats = dict(settings=settings, **ev, stage1=s1, stage2={k: v for k, v in s2.items() if k != "loss"},
+                 params=sum(p.numel() for p in model.parameters()), times=times,
+                 build_minutes=(time.time() - t_start) / 60, torch_threads=torch.get_num_threads())
+    print(f"tiny LALM on {ev['n']} held-out items: text {ev['acc_text']:.3f}, audio {ev['acc_audio']:.3f}, "
+          f"gap {ev['gap']:.3f} (built in {stats['build_minutes']:.1f} min)")
+    _save(model, processor, cache, stats)
+    return model, processor, train_m, eval_m
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache-dir", default=".cache/tiny_lalm", help="where the model, its stages and data are cached")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, init and training")
+    p.add_argument("--target-audio", type=float, default=0.42, help="stage 2 stops at this dev audio accuracy")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    load_or_build(a.cache_dir, a.seed, target_audio=a.target_audio, threads=a.threads)
+    print(json.dumps({k: v for k, v in json.loads((Path(a.cache_dir) / "tiny_lalm.json").read_text()).items()
+                      if k not in ("settings", "stage2")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
