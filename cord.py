@@ -43,7 +43,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -69,6 +69,10 @@ class Args:
     output: str = field(default="runs/cord", metadata={"help": "output folder: metrics.jsonl, checkpoints, final/"})
     eval: bool = field(default=False, metadata={"help": "only evaluate --model on --data (audio vs text accuracy)"})
     baseline: Optional[str] = field(default=None, metadata={"help": "summary.json of the base model, for gap reduction"})
+    compare: bool = field(default=False, metadata={"help": "tiny demo: every objective x --compare_seeds, table + plot"})
+    compare_seeds: int = field(default=3, metadata={"help": "seeds per objective with --compare"})
+    compare_objectives: str = field(default="sft,fkl,grpo,opd,opd+grpo,cord", metadata={"help": "objectives for --compare"})
+    eval_every: int = field(default=0, metadata={"help": "tiny demo: evaluate every n steps (curves); 0 = before/after"})
     objective: str = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
     teacher: str = field(default="live", metadata={"help": "live: current weights; frozen: initial weights"})
     train: str = field(default="all", metadata={"help": "which parameters train: all | llm | audio | lora"})
@@ -912,9 +916,9 @@ def load_training_state(lalm: LALM, opt, ckpt: Path, args: Args) -> int:
     return state["step"]
 
 
-# Distributed helpers (torchrun). Every rank runs train() on its own slice of the global batch; in a
-# plain `python cord.py` run rank = 0, world = 1 and none of these is called. Lines of train() and
-# the checkpoint functions that matter only with several processes are marked `# dist:`.
+# Several processes (torchrun): every rank runs train() on its own slice of the global batch. In a plain
+# `python cord.py` run rank = 0 and world = 1, and the lines marked `# dist:` in train() and the
+# checkpoint functions do nothing.
 
 
 def rank_world() -> tuple[int, int]:
@@ -1087,8 +1091,9 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
 
 
 @torch.no_grad()
-def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None, baseline: Optional[dict] = None) -> dict:
-    """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics."""
+def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None, baseline: Optional[dict] = None,
+             kl: bool = True) -> dict:
+    """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics (kl=True)."""
     rule = judge_lib.RuleJudge(ground_truth=True)
     lalm.model.eval()
     items, D_all, D_pos, tok_kl = [], [], {}, {}
@@ -1100,7 +1105,7 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
         y_a, m_a = sample(lalm, x_a, P["audio_mask"], 1, 0.0, args.max_new_tokens)  # greedy, (B, T)
         y_t, m_t = sample(lalm, x_t, P["text_mask"], 1, 0.0, args.max_new_tokens)
         D = token_reverse_kl(completion_logits(lalm, x_a, P["audio_mask"], y_a, m_a),  # Eq. 2 on the audio rollout
-                             completion_logits(lalm, x_t, P["text_mask"], y_a, m_a), m_a, args.chunk_size)
+                             completion_logits(lalm, x_t, P["text_mask"], y_a, m_a), m_a, args.chunk_size) if kl else y_a * 0.0
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
             answer = None if ex.get("answer") is None else str(ex["answer"])
             score = (lambda c: bool(rule([c], [answer])[0])) if answer is not None else (lambda c: None)
@@ -1133,6 +1138,114 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
 
 
 # ----------------------------------------------------------------------------------------------
+# The CPU demo: a tiny Qwen2-Audio that hears worse than it reads, and CORD closing the gap
+# (the paper's Tables 1 and 3 in miniature). Settings that differ from the paper's, for a 1.5 M
+# parameter model with ~20-token completions; each applies only where the flag was left at its default.
+
+DEMO = dict(steps=60, batch_size=16, max_new_tokens=24, lr=1e-3, k=4, eval_limit=500, save_every=20)
+
+
+def demo_args(args: Args, **over) -> Args:
+    from tiny_lalm import INSTRUCTION
+
+    paper = Args()
+    changed = {k: v for k, v in DEMO.items() if getattr(args, k) == getattr(paper, k)}
+    if args.instruction == paper.instruction:
+        changed["instruction"] = INSTRUCTION
+    return replace(args, **changed, **over)
+
+
+def train_with_curve(args: Args, examples, eval_examples, out: Path, base: dict) -> list[dict]:
+    """Train in segments of --eval_every steps (resuming from the checkpoint) and evaluate after each."""
+    lalm, curve = setup(args), [dict(step=0, **{k: base[k] for k in ("acc_text", "acc_audio", "gap")})]
+    every = args.eval_every or args.steps
+    for stop in range(every, args.steps + every, every):
+        seg = replace(args, steps=min(stop, args.steps), resume=True, save_every=every)
+        train(lalm, examples, seg)
+        s = evaluate(lalm, eval_examples, seg, None, base, kl=False)
+        curve.append(dict(step=seg.steps, **{k: s[k] for k in ("acc_text", "acc_audio", "gap", "gap_reduction")}))
+        print(json.dumps({"objective": args.objective, "seed": args.seed, **curve[-1]}))
+    (out / "curve.json").write_text(json.dumps(curve, indent=1))
+    return curve
+
+
+def demo(args: Args):
+    """python cord.py: build (or load) the tiny LALM, evaluate, train with CORD, evaluate, print the table."""
+    from tiny_lalm import load_or_build
+
+    clock = time.time()
+    model, _, train_m, eval_m = load_or_build(seed=args.seed)
+    args = demo_args(args, model=str(Path(train_m).parents[2]), data=str(train_m))
+    built = time.time() - clock
+    examples, ev = read_manifest(args.data), read_manifest(str(eval_m))[: args.eval_limit]
+    out = Path(args.output)
+    if args.compare:
+        return compare(args, examples, ev)
+    lalm = setup(args)
+    base = evaluate(lalm, ev, args, str(out / "eval-base"))
+    clock = time.time()
+    train(lalm, examples, args)
+    minutes = (time.time() - clock) / 60
+    after = evaluate(lalm, ev, args, str(out / "eval-final"), base)
+    print(f"\ntiny LALM ({sum(p.numel() for p in lalm.model.parameters()) / 1e6:.1f} M params), {len(ev)} held-out spoken problems,"
+          f" {args.objective} for {args.steps} steps ({minutes:.1f} min; model build/load {built / 60:.1f} min)")
+    print(f"{'':10}{'text acc':>10}{'audio acc':>11}{'gap':>8}")
+    for name, s in (("before", base), ("after", after)):
+        print(f"{name:10}{s['acc_text']:10.1f}{s['acc_audio']:11.1f}{s['gap']:8.1f}")
+    print(f"gap reduction: {100 * after.get('gap_reduction', 0):.1f} %  (paper: 41.6 % Qwen2-Audio, 44.8 % Step-Audio2)")
+    return {"before": base, "after": after, "minutes": minutes}
+
+
+def compare(args: Args, examples, ev) -> dict:
+    """Every --compare_objectives x --compare_seeds on the same tiny LALM and data: results.md, curves.png."""
+    out = Path(args.output)
+    base = evaluate(setup(args), ev, args, str(out / "eval-base"))
+    results = {}
+    for obj in args.compare_objectives.split(","):
+        for seed in range(args.compare_seeds):
+            run = out / f"{obj}-seed{seed}"
+            if (run / "curve.json").is_file():  # resumable: finished runs are kept
+                results[(obj, seed)] = json.loads((run / "curve.json").read_text())
+                continue
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir(parents=True)
+            results[(obj, seed)] = train_with_curve(replace(args, objective=obj, seed=seed, output=str(run)), examples, ev, run, base)
+    rows = ["| objective | text acc | audio acc | gap | gap reduction |", "|---|---|---|---|---|",
+            f"| base model | {base['acc_text']:.1f} | {base['acc_audio']:.1f} | {base['gap']:.1f} | – |"]
+    for obj in args.compare_objectives.split(","):
+        last = [results[(obj, s)][-1] for s in range(args.compare_seeds)]
+        ms = lambda k, f=1.0: f"{f * np.mean([r[k] for r in last]):.1f} ± {f * np.std([r[k] for r in last]):.1f}"
+        rows.append(f"| {obj} | {ms('acc_text')} | {ms('acc_audio')} | {ms('gap')} | {ms('gap_reduction', 100)} % |")
+    table = "\n".join(rows)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    plot_curves(results, args, out / "curves.png")
+    return {"base": base, "runs": {f"{o}-seed{s}": c for (o, s), c in results.items()}}
+
+
+def plot_curves(results: dict, args: Args, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for obj in args.compare_objectives.split(","):
+        curves = [results[(obj, s)] for s in range(args.compare_seeds)]
+        steps = [p["step"] for p in curves[0]]
+        for ax, key in zip(axes, ("acc_audio", "gap")):
+            y = np.array([[p[key] for p in c] for c in curves])
+            ax.plot(steps, y.mean(0), label=obj, lw=2.5 if obj == "cord" else 1.2)
+            ax.fill_between(steps, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+    for ax, title in zip(axes, ("audio accuracy (%)", "gap = text - audio (points)")):
+        ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"tiny Qwen2-Audio, {args.compare_seeds} seeds (mean ± std)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 
@@ -1159,7 +1272,7 @@ def main(argv=None):
     if args.objective not in ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl"):
         raise SystemExit(f"--objective {args.objective}: choose cord, opd, grpo, opd+grpo, sft or fkl")
     if args.model is None:
-        raise SystemExit("the tiny CPU demo is not built yet: pass --model")
+        return demo(args)
     lalm = setup(args)
     if args.eval:
         base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
