@@ -1044,7 +1044,8 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
         torch.manual_seed(args.seed + rank)  # dist: each rank samples its own rollouts
     log = None
     if rank == 0:
-        print(f"resumed from {ckpt} at step {start}") if ckpt else None
+        if ckpt:
+            print(f"resumed from {ckpt} at step {start}")
         print(f"global batch: {B * world} prompts per step = {B} per process x {world} process(es)")
         kept = [l for l in open(out / "metrics.jsonl")][:start] if start and (out / "metrics.jsonl").is_file() else []
         log = open(out / "metrics.jsonl", "w")  # a resumed run drops the lines of steps after its checkpoint
@@ -1063,7 +1064,7 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
         m["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
         opt.step()
         m["t_optimizer"] = _sync_time(lalm.device) - t0
-        m.update(t_step=time.perf_counter() - clock)
+        m["t_step"] = time.perf_counter() - clock
         if world > 1:  # dist: log the mean over ranks
             ms = gather_objects(m)
             m = {k: float(np.mean([x[k] for x in ms if k in x])) for k in dict.fromkeys(k for x in ms for k in x)}

@@ -73,7 +73,7 @@ def test_tiny_solution_and_split():
 def test_tiny_load_or_build_reduced(tmp_path):
     kw = dict(seed=0, n_train=6, n_eval=4, n_dev=3, takes=1, voices=("hibari",), d_audio=32, audio_layers=1,
               d_text=32, text_layers=1, text_steps=3, audio_max_steps=2, eval_every=1, target_audio=1.1,
-              batch_size=4)
+              batch_size=4, workers=1)
     model, processor, train_m, eval_m = tiny_lalm.load_or_build(tmp_path / "tiny", **kw)
     stats = json.loads((tmp_path / "tiny" / "tiny_lalm.json").read_text())
     for k in ("acc_text", "acc_audio", "gap", "n", "stage1", "stage2", "params", "times", "build_minutes"):

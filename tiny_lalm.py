@@ -508,10 +508,10 @@ def _cached(path: Path, settings: dict):
 
 def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
                   n_dev: int = 200, takes: int = 2, voices=VOICES, d_audio: int = 128, audio_layers: int = 2,
-                  d_text: int = 128, text_layers: int = 4, text_steps: int = 800, text_lr: float = 5e-3,
+                  d_text: int = 128, text_layers: int = 4, text_steps: int = 700, text_lr: float = 5e-3,
                   audio_max_steps: int = 1500, audio_lr: float = 2e-3, ctc_weight: float = 1.0,
                   target_audio: float = 0.42, eval_every: int = 50, batch_size: int = 64, n_stats: int | None = None,
-                  threads: int | None = None):
+                  chunk_seconds: int = 3, workers: int = 2, threads: int | None = None):
     """(model, processor, train_manifest, eval_manifest) of the tiny LALM; builds and caches what is missing.
 
     cache_dir/ holds the final model (save_pretrained: safetensors + processor + tiny_lalm.json with the
@@ -523,7 +523,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         torch.set_num_threads(threads)
     cache = Path(cache_dir)
     data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices))
-    s1_settings = dict(data_settings, d_audio=d_audio, audio_layers=audio_layers, d_text=d_text,
+    s1_settings = dict(data_settings, chunk_seconds=chunk_seconds, d_audio=d_audio, audio_layers=audio_layers, d_text=d_text,
                        text_layers=text_layers, text_steps=text_steps, text_lr=text_lr, batch_size=batch_size)
     settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ctc_weight=ctc_weight,
                     target_audio=target_audio, eval_every=eval_every, n_stats=n_stats)
@@ -539,7 +539,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
     data_json = cache / "data" / "data.json"
     if not (data_json.exists() and json.loads(data_json.read_text()) == data_settings and eval_m.exists()):
         t0 = time.time()
-        make_data(cache / "data", n_train, n_eval, seed, voices, n_dev=n_dev, takes=takes)
+        make_data(cache / "data", n_train, n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers)
         data_json.write_text(json.dumps(data_settings))
         times["data_s"] = time.time() - t0
     from data_gen import read_manifest
@@ -549,7 +549,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
     if s1 is None:
         t0 = time.time()
         corpus = [r["text"] + " " + solution(r) for r in train_rows] + [INSTRUCTION] * 50
-        processor = build_processor(corpus)
+        processor = build_processor(corpus, chunk_seconds=chunk_seconds)
         model = build_model(processor, d_audio, audio_layers, d_text, text_layers, seed)
         questions = list({r["written"]: r for r in train_rows}.values())     # one row per question
         losses = train_text(model, processor, questions, text_steps, batch_size, text_lr, seed)
