@@ -73,6 +73,7 @@ class Args:
     compare_seeds: int = field(default=3, metadata={"help": "seeds per objective with --compare"})
     compare_objectives: str = field(default="sft,fkl,grpo,opd,opd+grpo,cord", metadata={"help": "objectives for --compare"})
     eval_every: int = field(default=0, metadata={"help": "tiny demo: evaluate every n steps (curves); 0 = before/after"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 per process when several share the cores)"})
     objective: str = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
     teacher: str = field(default="live", metadata={"help": "live: current weights; frozen: initial weights"})
     train: str = field(default="all", metadata={"help": "which parameters train: all | llm | audio | lora"})
@@ -1270,6 +1271,8 @@ def setup(args: Args) -> LALM:
 
 def main(argv=None):
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.objective not in ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl"):
         raise SystemExit(f"--objective {args.objective}: choose cord, opd, grpo, opd+grpo, sft or fkl")
     if args.model is None:

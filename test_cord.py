@@ -414,6 +414,31 @@ def test_every_objective_trains_on_tiny_qwen2_audio(objective, tmp_path, speech_
         assert {"reward_mean", "clip_frac", "zero_spread_frac"} <= set(lines[-1])
 
 
+def test_lora_with_frozen_teacher_and_model_judge(tmp_path, speech_data, qwen2_audio_dir, monkeypatch):
+    """--train lora: only adapters train; --teacher frozen runs with the adapter disabled; --judge model
+    asks the LALM's own text path (judge.ModelJudge) for the GRPO reward."""
+    frozen_calls, judged = [], []
+    real_hidden, real_call = cord.Teacher.hidden, ModelJudge.__call__
+
+    def spy_hidden(self, *a):
+        frozen_calls.append(self.mode == "frozen" and self.copy is None)
+        return real_hidden(self, *a)
+
+    def spy_judge(self, preds, refs):
+        judged.append(len(preds))
+        return real_call(self, preds, refs)
+
+    monkeypatch.setattr(cord.Teacher, "hidden", spy_hidden)
+    monkeypatch.setattr(ModelJudge, "__call__", spy_judge)
+    final = run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "cord", "--train", "lora", "--lora_r", "4",
+                     "--teacher", "frozen", "--judge", "model", steps=1)
+    before = cord.load_lalm(str(qwen2_audio_dir)).model.state_dict()
+    after = cord.load_lalm(str(final)).model.state_dict()  # adapters merged into the saved weights
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("language_model.model.layers" in k and "proj" in k for k in changed)
+    assert frozen_calls == [True] and judged == [4]  # B = 2 prompts x N = 2 rollouts
+
+
 def test_omni_thinker_trains_all_parameters(tmp_path, speech_data, omni_dir):
     final = run_main(tmp_path, omni_dir, speech_data, "--objective", "cord", "--train", "audio", steps=1)
     before = cord.load_lalm(str(omni_dir)).model.state_dict()

@@ -364,32 +364,67 @@ def _schedule(opt, steps, warmup):
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 1.0 - s / max(1, steps)))
 
 
-def train_text(model, processor, examples: list[dict], steps: int = 800, batch_size: int = 64, lr: float = 5e-3,
-               seed: int = 0, log_every: int = 100) -> list[float]:
+def audio_prompt_parts(processor) -> tuple[list[int], list[int]]:
+    """Token ids of the audio prompt before and after its <|AUDIO|> slot."""
+    tok = processor.tokenizer
+    ids = tok(_prompt(processor, {"audio": "x.wav"}, "audio"), add_special_tokens=False).input_ids
+    k = ids.index(tok.convert_tokens_to_ids("<|AUDIO|>"))
+    return ids[:k], ids[k + 1:]
+
+
+def pseudo_audio(transcript: list[int], n_slots: int, audio_id: int, rng: random.Random) -> list[int]:
+    """An audio slot written in tokens: the transcript's tokens in order at random positions among
+    n_slots, the <|AUDIO|> token everywhere else (the shape a CTC-trained encoder emits: a few word
+    spikes between blanks).
+
+    >>> pseudo_audio([7, 8], 5, 0, random.Random(1))
+    [0, 7, 0, 8, 0]
+    """
+    pos = set(rng.sample(range(n_slots), len(transcript)))
+    words = iter(transcript)
+    return [next(words) if i in pos else audio_id for i in range(n_slots)]
+
+
+def train_text(model, processor, examples: list[dict], steps: int = 700, batch_size: int = 64, lr: float = 5e-3,
+               seed: int = 0, pseudo_audio_share: float = 0.5, slots: tuple[int, int] = (45, 76),
+               log_every: int = 50) -> list[float]:
     """Stage 1: teacher-forced SFT of the language model on text prompts; returns the loss curve.
 
     Loss: cross-entropy on the completion tokens only, mean over all completion tokens in the batch.
-    The separator between transcript and instruction is drawn from ("\\n", " ", "") so the model does
-    not depend on how a caller renders the text prompt.
+    The separator between transcript and instruction is drawn from ("\n", " ", "") so the model does
+    not depend on how a caller renders the text prompt. A share `pseudo_audio_share` of each batch uses
+    the audio prompt with its slot filled by `pseudo_audio` (slot length drawn from `slots`, the range
+    of real clips' audio-token counts): the LM learns to read the audio slot as tokens among blanks,
+    the interface that stage 2 teaches the encoder to produce.
     """
     tok, lm = processor.tokenizer, model.language_model
+    audio_id = tok.convert_tokens_to_ids("<|AUDIO|>")
     rng, losses = random.Random(seed), []
     torch.manual_seed(seed)
     comp = [tok(solution(r) + tok.eos_token, add_special_tokens=False).input_ids for r in examples]
     prompts = {sep: [tok(_prompt(processor, r, "text", sep), add_special_tokens=False).input_ids for r in examples]
                for sep in ("\n", " ", "")}
+    transcripts = [tok(r["text"], add_special_tokens=False).input_ids for r in examples]
+    before, after = audio_prompt_parts(processor)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = _schedule(opt, steps, warmup=30)
+    n_pseudo = round(batch_size * pseudo_audio_share)
     lm.train()
     bar = tqdm(range(steps), desc="stage 1 (text SFT)", unit="step")
     for step in bar:
         idx = [rng.randrange(len(examples)) for _ in range(batch_size)]
-        seps = [rng.choice(("\n", "\n", " ", "")) for _ in idx]
-        seqs = [prompts[s][i] + comp[i] for s, i in zip(seps, idx)]
-        labels = [[-100] * len(prompts[s][i]) + comp[i] for s, i in zip(seps, idx)]
-        (input_ids, mask), (labels, _) = _pad(seqs, tok.pad_token_id), _pad(labels, -100)   # (B, T) right-padded
-        logits = lm(input_ids=input_ids, attention_mask=mask).logits                          # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        text_prompts = [prompts[rng.choice(("\n", "\n", " ", ""))][i] for i in idx[n_pseudo:]]
+        audio_prompts = [before + pseudo_audio(transcripts[i], rng.randrange(*slots), audio_id, rng) + after
+                         for i in idx[:n_pseudo]]
+        loss = 0.0
+        for group, ps in ((idx[:n_pseudo], audio_prompts), (idx[n_pseudo:], text_prompts)):
+            if not group:
+                continue
+            (input_ids, mask), (labels, _) = (_pad([p + comp[i] for p, i in zip(ps, group)], tok.pad_token_id),
+                                              _pad([[-100] * len(p) + comp[i] for p, i in zip(ps, group)], -100))
+            logits = lm(input_ids=input_ids, attention_mask=mask).logits                  # (b, T, V)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = loss + ce * len(group) / batch_size
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -403,19 +438,47 @@ def train_text(model, processor, examples: list[dict], steps: int = 800, batch_s
 # ---------------------------------------------------------------------------------------------
 # Stage 2: audio encoder + projector learn to map speech into the frozen language model
 
+def ctc_alignment_loss(a_emb, a_len, targets, E, blank: int, tau: float):
+    """CTC of the transcript tokens against the projected audio frames, each frame scored by its squared
+    distance to every token embedding, and the regression of each frame onto its CTC-aligned embedding.
+
+    a_emb (B, Ta, D) audio tokens, a_len (B,) valid lengths, targets: B lists of token ids, E (V, D) the
+    LM's (frozen) input embeddings, blank: the token whose embedding stands for "no word here" (<|AUDIO|>).
+    Returns (ctc, emb): ctc = torch's ctc_loss, mean over the batch of per-sequence loss / target length;
+    emb = mean over valid frames of ||a_t - sum_v gamma_t(v) E_v||^2 / mean ||E_v||^2, where gamma_t is
+    the CTC occupation probability of token v at frame t (detached): the frame is pulled onto the token
+    embedding (or the blank's) that CTC aligns it with, i.e. onto stage 1's pseudo-audio.
+    """
+    logits = -(torch.cdist(a_emb, E[None].expand(a_emb.shape[0], -1, -1)) ** 2) / tau    # (B, Ta, V)
+    logp = logits.log_softmax(-1)
+    flat = torch.tensor([t for ts in targets for t in ts])
+    lens = torch.tensor([len(ts) for ts in targets])
+    ctc = F.ctc_loss(logp.transpose(0, 1), flat, a_len, lens, blank=blank, zero_infinity=True)   # (Ta, B, V) in
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        total = F.ctc_loss(lp.transpose(0, 1), flat, a_len, lens, blank=blank, reduction="sum", zero_infinity=True)
+        (grad,) = torch.autograd.grad(total, lp)
+    gamma = -grad                                                                           # (B, Ta, V), rows sum to 1
+    target = gamma @ E                                                                      # (B, Ta, D)
+    valid = (torch.arange(a_emb.shape[1])[None, :] < a_len[:, None]).float()               # (B, Ta)
+    err = ((a_emb - target) ** 2).sum(-1) / (E ** 2).sum(-1).mean()                        # (B, Ta)
+    return ctc, (err * valid).sum() / valid.sum()
+
+
 def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int = 1500, batch_size: int = 32,
-                lr: float = 2e-3, ctc_weight: float = 1.0, target_audio: float = 0.42, eval_every: int = 50,
-                n_dev: int | None = None, seed: int = 0) -> dict:
+                lr: float = 2e-3, ctc_weight: float = 1.0, emb_weight: float = 1.0, ce_weight: float = 1.0,
+                tau: float = 0.05, target_audio: float = 0.42, eval_every: int = 50, n_dev: int | None = None,
+                seed: int = 0) -> dict:
     """Stage 2: train audio_tower + multi_modal_projector (language model frozen), stop at target_audio.
 
-    Loss per step = CE(answer chain | audio prompt) + ctc_weight * CTC(transcript | projected audio):
-    - CE: cross-entropy of the reference completion through the frozen LM, mean over completion tokens;
-    - CTC: each projected audio frame is scored against the LM's input embeddings (+ one learned blank),
-      so the audio tokens learn to resemble the transcript's own token embeddings; mean over the batch
-      of the per-sequence CTC loss divided by the transcript length (torch's reduction="mean").
+    Loss per step = ce_weight * CE + ctc_weight * CTC + emb_weight * EMB:
+    - CE: cross-entropy of the reference completion given the audio prompt, through the frozen LM, mean
+      over completion tokens (skipped when ce_weight = 0: then the LM is not run at all);
+    - CTC, EMB: `ctc_alignment_loss` — the audio tokens learn to spell the transcript in the LM's own
+      token embeddings among <|AUDIO|> blanks, the pseudo-audio that stage 1 taught the LM to read.
     Every eval_every steps the greedy audio accuracy on the dev manifest is measured; training stops at
     the first measurement >= target_audio (keeping whichever of the last two snapshots is closer to it).
-    Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [...]}.
+    Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [[ce, ctc, emb] per step]}.
     """
     rows, base = _rows(train_manifest)
     dev_rows, dev_base = _rows(dev_manifest)
@@ -429,12 +492,10 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
     for p in lm.parameters():
         p.requires_grad_(False)
     trained = list(model.audio_tower.parameters()) + list(model.multi_modal_projector.parameters())
-    D = model.config.text_config.hidden_size
-    blank = torch.nn.Linear(D, 1)                                       # CTC blank score (aux head, discarded)
-    opt = torch.optim.AdamW(trained + list(blank.parameters()), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    blank = tok.convert_tokens_to_ids("<|AUDIO|>")                      # CTC blank = the audio filler token
+    opt = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))   # warm-up, then constant
     E = model.get_input_embeddings().weight.detach()                    # (V, D) frozen token embeddings
-    V = E.shape[0]
 
     def snapshot():
         return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("language_model.")}
@@ -446,27 +507,25 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
         idx = [rng.randrange(len(rows)) for _ in range(batch_size)]
         feats, fmask = cache.feats[idx].float(), cache.fmask[idx]        # (B, n_mels, frames), (B, frames)
         a_emb, a_len = audio_embeddings(model, feats, fmask)             # (B, Ta, D), (B,)
-        seqs = [cache.ids[i] + cache.completion[i] for i in idx]
-        labels = [[-100] * len(cache.ids[i]) + cache.completion[i] for i in idx]
-        (input_ids, mask), (labels, _) = _pad(seqs, tok.pad_token_id), _pad(labels, -100)   # (B, T)
-        logits = lm(inputs_embeds=_merge(model, input_ids, a_emb, a_len), attention_mask=mask).logits   # (B, T, V)
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        ctc_logits = torch.cat([a_emb @ E.T, blank(a_emb)], dim=-1)     # (B, Ta, V + 1), blank = index V
-        targets = [cache.transcript[i] for i in idx]
-        ctc = F.ctc_loss(ctc_logits.log_softmax(-1).transpose(0, 1),      # (Ta, B, V + 1)
-                         torch.tensor([t for ts in targets for t in ts]), a_len,
-                         torch.tensor([len(ts) for ts in targets]), blank=V, zero_infinity=True)
-        loss = ce + ctc_weight * ctc
+        ctc, emb = ctc_alignment_loss(a_emb, a_len, [cache.transcript[i] for i in idx], E, blank, tau)
+        ce = torch.zeros(())
+        if ce_weight:
+            seqs = [cache.ids[i] + cache.completion[i] for i in idx]
+            labels = [[-100] * len(cache.ids[i]) + cache.completion[i] for i in idx]
+            (input_ids, mask), (labels, _) = _pad(seqs, tok.pad_token_id), _pad(labels, -100)   # (B, T)
+            logits = lm(inputs_embeds=_merge(model, input_ids, a_emb, a_len), attention_mask=mask).logits   # (B, T, V)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = ce_weight * ce + ctc_weight * ctc + emb_weight * emb
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append((ce.item(), ctc.item()))
+        losses.append((ce.item(), ctc.item(), emb.item()))
         if (step + 1) % eval_every == 0 or step + 1 == max_steps:
             acc = evaluate(model, processor, dev_rows if dev_base == Path(".") else dev_manifest,
                            n=len(dev_rows), modalities=("audio",))["acc_audio"]
             curve.append((step + 1, acc))
-            ce_m, ctc_m = np.mean(losses[-eval_every:], axis=0)
-            tqdm.write(f"stage 2 step {step + 1}: ce {ce_m:.3f} ctc {ctc_m:.3f} dev audio acc {acc:.3f}")
+            m = np.mean(losses[-eval_every:], axis=0)
+            tqdm.write(f"stage 2 step {step + 1}: ce {m[0]:.3f} ctc {m[1]:.3f} emb {m[2]:.3f} dev audio acc {acc:.3f}")
             if acc >= target_audio:
                 if prev is not None and abs(prev[1] - target_audio) < abs(acc - target_audio):
                     model.load_state_dict(prev[0], strict=False)
@@ -477,7 +536,7 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
         p.requires_grad_(True)
     model.eval()
     return {"steps": curve[-1][0], "dev_acc_audio": curve[-1][1], "curve": curve,
-            "loss": [[round(a, 4), round(b, 4)] for a, b in losses]}
+            "loss": [[round(x, 4) for x in l] for l in losses]}
 
 
 # ---------------------------------------------------------------------------------------------
