@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer, HfArgumentParser, PretrainedConfig
 
+import data_gen
 import judge as judge_lib
 
 
@@ -217,8 +218,6 @@ def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=Fa
 
 
 def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
-    from data_gen import to_16k
-
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types
@@ -227,32 +226,24 @@ def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
     if sr != sampling_rate:
         if sampling_rate != 16000:
             raise SystemExit(f"{path}: sample rate {sr}, model wants {sampling_rate}; resample the data")
-        audio = to_16k(audio, sr)
+        audio = data_gen.to_16k(audio, sr)
     return audio
 
 
 def read_manifest(path: str) -> list[dict]:
-    """JSONL, one example per line: id, audio (relative to the manifest), text, answer?, choices?"""
-    root, rows = Path(path).parent, []
+    """JSONL, one example per line: id, audio (relative to the manifest), text, answer?, choices?
+
+    Validation is data_gen.read_manifest's; a bad line stops the run with `path:line: what is wrong`.
+    """
     if not Path(path).is_file():
         raise SystemExit(f"{path}: no such manifest; make one with data_gen.py (README)")
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
-        for key in ("id", "audio", "text"):
-            if not isinstance(ex.get(key), str) or not ex[key]:
-                raise SystemExit(f"{path}:{n}: field '{key}' missing or not a string; every line needs id, audio, text")
-        ex["audio_path"] = root / ex["audio"]
-        if not ex["audio_path"].is_file():
-            raise SystemExit(f"{path}:{n}: audio file {ex['audio_path']} not found; paths are relative to the manifest")
-        rows.append(ex)
+    try:
+        rows = data_gen.read_manifest(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not rows:
         raise SystemExit(f"{path}: the manifest is empty")
-    return rows
+    return [dict(ex, audio_path=Path(path).parent / ex["audio"]) for ex in rows]
 
 
 def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> str:

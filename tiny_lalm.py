@@ -288,8 +288,9 @@ class AudioCache:
 # ---------------------------------------------------------------------------------------------
 # Forward pieces (the same computation as Qwen2AudioForConditionalGeneration.forward, opened up)
 
-def audio_embeddings(model, input_features, feature_attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected audio tokens (B, Ta, D) and their valid lengths (B,), as the model's forward makes them."""
+def audio_embeddings(model, input_features, feature_attention_mask, return_hidden: bool = False):
+    """Projected audio tokens (B, Ta, D) and their valid lengths (B,), as the model's forward makes them
+    (and the encoder output (B, Ta, d_audio) with return_hidden)."""
     enc = model.audio_tower
     feat_len, out_len = enc._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
     B, _, n_frames = input_features.shape
@@ -298,6 +299,8 @@ def audio_embeddings(model, input_features, feature_attention_mask) -> tuple[tor
     mask = torch.zeros(B, 1, S, S, dtype=enc.conv1.weight.dtype)
     mask.masked_fill_(pad[:, None, None, :], float("-inf"))                           # (B, 1, S, S)
     h = enc(input_features.to(enc.conv1.weight.dtype), attention_mask=mask).last_hidden_state   # (B, Ta, d_audio)
+    if return_hidden:
+        return model.multi_modal_projector(h), out_len, h
     return model.multi_modal_projector(h), out_len                                   # (B, Ta, D), (B,)
 
 
@@ -438,28 +441,28 @@ def train_text(model, processor, examples: list[dict], steps: int = 700, batch_s
 # ---------------------------------------------------------------------------------------------
 # Stage 2: audio encoder + projector learn to map speech into the frozen language model
 
-def ctc_alignment_loss(a_emb, a_len, targets, E, blank: int, tau: float):
-    """CTC of the transcript tokens against the projected audio frames, each frame scored by its squared
-    distance to every token embedding, and the regression of each frame onto its CTC-aligned embedding.
+def ctc_alignment_loss(scores, a_emb, a_len, targets, E, blank: int):
+    """CTC of the transcript tokens on per-frame token scores, and the regression of each projected audio
+    frame onto the embedding of the token that CTC aligns it with.
 
-    a_emb (B, Ta, D) audio tokens, a_len (B,) valid lengths, targets: B lists of token ids, E (V, D) the
-    LM's (frozen) input embeddings, blank: the token whose embedding stands for "no word here" (<|AUDIO|>).
+    scores (B, Ta, V) per-frame token logits (a linear CTC head on the encoder output), a_emb (B, Ta, D)
+    the projected audio tokens, a_len (B,) valid lengths, targets: B lists of token ids, E (V, D) the LM's
+    (frozen) input embeddings, blank: the token that stands for "no word here" (<|AUDIO|>).
     Returns (ctc, emb): ctc = torch's ctc_loss, mean over the batch of per-sequence loss / target length;
-    emb = mean over valid frames of ||a_t - sum_v gamma_t(v) E_v||^2 / mean ||E_v||^2, where gamma_t is
-    the CTC occupation probability of token v at frame t (detached): the frame is pulled onto the token
-    embedding (or the blank's) that CTC aligns it with, i.e. onto stage 1's pseudo-audio.
+    emb = mean over valid frames of ||a_t - sum_v gamma_t(v) E_v||^2 / mean_v ||E_v||^2, where gamma_t
+    (detached) is the CTC occupation probability of token v at frame t: the frame is pulled onto the
+    embedding of its word (or of <|AUDIO|>), i.e. onto stage 1's pseudo-audio.
     """
-    logits = -(torch.cdist(a_emb, E[None].expand(a_emb.shape[0], -1, -1)) ** 2) / tau    # (B, Ta, V)
-    logp = logits.log_softmax(-1)
+    logp = scores.log_softmax(-1)                                                           # (B, Ta, V)
     flat = torch.tensor([t for ts in targets for t in ts])
     lens = torch.tensor([len(ts) for ts in targets])
-    ctc = F.ctc_loss(logp.transpose(0, 1), flat, a_len, lens, blank=blank, zero_infinity=True)   # (Ta, B, V) in
+    ctc = F.ctc_loss(logp.transpose(0, 1), flat, a_len, lens, blank=blank, zero_infinity=True)
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(True)
         total = F.ctc_loss(lp.transpose(0, 1), flat, a_len, lens, blank=blank, reduction="sum", zero_infinity=True)
         (grad,) = torch.autograd.grad(total, lp)
-    gamma = -grad                                                                           # (B, Ta, V), rows sum to 1
-    target = gamma @ E                                                                      # (B, Ta, D)
+    gamma = -grad                                                       # (B, Ta, V): d(-log p)/d(log p_tv) = -occupancy
+    target = gamma @ E                                                  # (B, Ta, D)
     valid = (torch.arange(a_emb.shape[1])[None, :] < a_len[:, None]).float()               # (B, Ta)
     err = ((a_emb - target) ** 2).sum(-1) / (E ** 2).sum(-1).mean()                        # (B, Ta)
     return ctc, (err * valid).sum() / valid.sum()
@@ -467,15 +470,16 @@ def ctc_alignment_loss(a_emb, a_len, targets, E, blank: int, tau: float):
 
 def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int = 1500, batch_size: int = 32,
                 lr: float = 2e-3, ctc_weight: float = 1.0, emb_weight: float = 1.0, ce_weight: float = 1.0,
-                tau: float = 0.05, target_audio: float = 0.42, eval_every: int = 50, n_dev: int | None = None,
+                target_audio: float = 0.42, eval_every: int = 50, n_dev: int | None = None,
                 seed: int = 0) -> dict:
     """Stage 2: train audio_tower + multi_modal_projector (language model frozen), stop at target_audio.
 
     Loss per step = ce_weight * CE + ctc_weight * CTC + emb_weight * EMB:
     - CE: cross-entropy of the reference completion given the audio prompt, through the frozen LM, mean
       over completion tokens (skipped when ce_weight = 0: then the LM is not run at all);
-    - CTC, EMB: `ctc_alignment_loss` — the audio tokens learn to spell the transcript in the LM's own
-      token embeddings among <|AUDIO|> blanks, the pseudo-audio that stage 1 taught the LM to read.
+    - CTC, EMB: `ctc_alignment_loss` — a linear CTC head on the encoder output learns to spell the
+      transcript, and the projected audio tokens regress onto the aligned words' LM embeddings among
+      <|AUDIO|> blanks: the pseudo-audio that stage 1 taught the LM to read.
     Every eval_every steps the greedy audio accuracy on the dev manifest is measured; training stops at
     the first measurement >= target_audio (keeping whichever of the last two snapshots is closer to it).
     Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [[ce, ctc, emb] per step]}.
@@ -493,9 +497,10 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
         p.requires_grad_(False)
     trained = list(model.audio_tower.parameters()) + list(model.multi_modal_projector.parameters())
     blank = tok.convert_tokens_to_ids("<|AUDIO|>")                      # CTC blank = the audio filler token
-    opt = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))   # warm-up, then constant
     E = model.get_input_embeddings().weight.detach()                    # (V, D) frozen token embeddings
+    head = torch.nn.Linear(model.config.audio_config.d_model, E.shape[0])   # CTC head (auxiliary, discarded)
+    opt = torch.optim.AdamW(trained + list(head.parameters()), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))   # warm-up, then constant
 
     def snapshot():
         return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("language_model.")}
@@ -506,8 +511,8 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
     for step in bar:
         idx = [rng.randrange(len(rows)) for _ in range(batch_size)]
         feats, fmask = cache.feats[idx].float(), cache.fmask[idx]        # (B, n_mels, frames), (B, frames)
-        a_emb, a_len = audio_embeddings(model, feats, fmask)             # (B, Ta, D), (B,)
-        ctc, emb = ctc_alignment_loss(a_emb, a_len, [cache.transcript[i] for i in idx], E, blank, tau)
+        a_emb, a_len, h = audio_embeddings(model, feats, fmask, return_hidden=True)   # (B, Ta, D), (B,), (B, Ta, d_a)
+        ctc, emb = ctc_alignment_loss(head(h), a_emb, a_len, [cache.transcript[i] for i in idx], E, blank)
         ce = torch.zeros(())
         if ce_weight:
             seqs = [cache.ids[i] + cache.completion[i] for i in idx]
