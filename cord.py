@@ -1118,8 +1118,9 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
     D = torch.cat(D_all) if D_all else torch.zeros(1)
     s.update({f"kl_p{q}": torch.quantile(D, q / 100).item() for q in (50, 80, 95)}, kl_mean=D.mean().item())
     s["kl_by_position"] = [float(np.mean(D_pos[t])) for t in sorted(D_pos) if len(D_pos[t]) >= 5]
-    pos = torch.tensor([float(t) for t in sorted(D_pos) for _ in D_pos[t]])
-    s["kl_position_corr"] = float(np.corrcoef(pos, torch.tensor([v for t in sorted(D_pos) for v in D_pos[t]]))[0, 1]) if len(pos) > 2 else 0.0
+    pos = np.array([float(t) for t in sorted(D_pos) for _ in D_pos[t]])  # Fig. 3: is the KL concentrated early?
+    val = np.array([v for t in sorted(D_pos) for v in D_pos[t]])
+    s["kl_position_corr"] = float(np.corrcoef(pos, val)[0, 1]) if len(pos) > 2 and pos.std() > 0 and val.std() > 0 else 0.0
     top = sorted(((np.mean(v), t) for t, v in tok_kl.items() if len(v) >= 5), reverse=True)[:15]
     s["top_kl_tokens"] = [[lalm.tokenizer.decode([t]), round(float(v), 4)] for v, t in top]
     if out_dir:
@@ -1156,18 +1157,20 @@ def train_with_curve(args: Args, examples, eval_examples, out: Path, base: dict)
         seg = replace(args, steps=min(stop, args.steps), resume=True, save_every=every)
         train(lalm, examples, seg)
         s = evaluate(lalm, eval_examples, seg, None, base, kl=False)
-        curve.append(dict(step=seg.steps, **{k: s[k] for k in ("acc_text", "acc_audio", "gap", "gap_reduction")}))
+        curve.append(dict(step=seg.steps, **{k: s.get(k, float("nan")) for k in ("acc_text", "acc_audio", "gap", "gap_reduction")}))
         print(json.dumps({"objective": args.objective, "seed": args.seed, **curve[-1]}))
     (out / "curve.json").write_text(json.dumps(curve, indent=1))
     return curve
 
 
-def demo(args: Args):
-    """python cord.py: build (or load) the tiny LALM, evaluate, train with CORD, evaluate, print the table."""
+def demo(args: Args, **build):
+    """python cord.py: build (or load) the tiny LALM, evaluate, train with CORD, evaluate, print the table.
+
+    `build` goes to tiny_lalm.load_or_build (the tests use a drastically reduced budget)."""
     from tiny_lalm import load_or_build
 
     clock = time.time()
-    model, _, train_m, eval_m = load_or_build(seed=args.seed)
+    model, _, train_m, eval_m = load_or_build(seed=args.seed, **build)
     args = demo_args(args, model=str(Path(train_m).parents[2]), data=str(train_m))
     built = time.time() - clock
     examples, ev = read_manifest(args.data), read_manifest(str(eval_m))[: args.eval_limit]
