@@ -20,9 +20,9 @@ Departures from the paper (each switchable unless noted):
  3. `--reward_ref answer` (or `both`) uses the ground-truth answer instead of / besides y_hat.
  4. Eq. 7 is normalised by sum_t w_t (`--normalize weights`) so alpha = beta = 1 is exactly Eq. 3;
     `--normalize length` divides by T instead.
- 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient;
-    log-probs for it come from the training forward at temperature 1, even for rollouts sampled at
-    1.5 (the sampled tokens are then slightly off-policy, as in the paper's own setup).
+ 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient.
+    Both the KL of Eq. 2 and the GRPO log-probs use temperature-1 logits from the training forward,
+    also for rollouts sampled at 1.5 (slightly off-policy, as in the paper's own setup).
  6. GRPO advantages divide by std + 1e-4 by default (`--adv_scale none`: Dr. GRPO / the paper's
     Eq. 9 as written).
  7. The OPD rollout (tau = 1.0) and the N GRPO rollouts (tau = 1.5) share one prefill per prompt
@@ -31,6 +31,9 @@ Departures from the paper (each switchable unless noted):
     completions much shorter than the paper's 200 tokens (where K = 20 selects every token).
  9. Extra baselines beside the paper's ablations: `sft` (cross-entropy on y_hat from the audio
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
+10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
+    wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
+The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: see DEMO below.
 """
 from __future__ import annotations
 
