@@ -3,28 +3,31 @@
 No real audio LLM can be downloaded here and most readers have no GPU, so the CPU demo needs a model in
 the *real* transformers architecture (`Qwen2AudioForConditionalGeneration`, with a real processor: a
 byte-level BPE tokenizer trained on the fly, the Qwen2-Audio chat template, a Whisper feature extractor
-with a short chunk) that shows the paper's situation: the same question is answered well when read and
-worse when heard. It is built in three stages, deterministically from a seed, and cached:
+with a 3 s chunk) in the paper's situation: the same question is answered well when read and worse
+when heard. Built deterministically from a seed, in stages, each cached:
 
-    0. data: two-step spoken arithmetic ("What is seven plus six minus two?"), voiced offline by
-       data_gen.py's TTS with several voices and speeds; held-out eval and dev questions are disjoint
-       from the training questions;
-    1. text: the language model learns, teacher-forced on text prompts, to answer with a short chain,
-       "7+6=13. 13-2=11. The answer is 11." (high text accuracy);
-    2. audio alignment: language model frozen, the audio encoder + projector learn to map speech into it,
-       with dense supervision (the answer chain through the frozen LM, plus a CTC loss that reads the
-       transcript's tokens off the projected audio frames, scored against the LM's own embeddings), and
-       stop early once audio accuracy on the dev set reaches `target_audio`: the audio path works, but
-       clearly worse than text (a real, partial audio-text gap for CORD to close).
+    data  two-step spoken arithmetic ("What is seven plus six minus two?"), voiced offline by
+          data_gen.py (hibari and espeak-ng voices at several speeds); eval and dev questions are
+          disjoint from the training questions;
+    0     the audio encoder is pretrained as a CTC speech recogniser (as Qwen2-Audio's starts from
+          Whisper); its forced alignments turn every training clip into "pseudo-audio": the audio slot
+          written in tokens, each word's token at the frame where it is spoken, <|AUDIO|> elsewhere;
+    1     the language model learns the task, teacher-forced, from text prompts and (half of each
+          batch) from pseudo-audio prompts, answering with a short chain:
+          "7+6=13. 13-2=11. The answer is 11.";
+    2     language model frozen, the encoder + projector learn to map speech onto the pseudo-audio
+          (regression of the audio tokens onto the aligned words' LM embeddings, plus the CTC loss),
+          and stop early once greedy audio accuracy on the dev set reaches `target_audio`: the audio
+          path works, clearly worse than text — a real, partial audio-text gap for CORD to close.
 
 Usage:
     python tiny_lalm.py                          # build (or load) .cache/tiny_lalm and print the stats
     model, processor, train_manifest, eval_manifest = load_or_build()
-    evaluate(model, processor, eval_manifest)    # {'acc_text': ..., 'acc_audio': ..., 'gap': ...}
+    evaluate(model, processor, eval_manifest)    # {'acc_text': ..., 'acc_audio': ..., 'gap': ..., 'n': ...}
 
-Prompts (use `messages(row, modality)` to build the same ones): the user turn is
-[audio, INSTRUCTION] for audio and "<transcript>\\n" + INSTRUCTION for text, in the Qwen2-Audio template
-(default system prompt). Stage 1 also sees " " and "" as the separator, so either rendering works.
+Prompts (`messages(row, modality)` builds them): the user turn is [audio, INSTRUCTION] for audio and
+"<transcript>\n" + INSTRUCTION for text, in the Qwen2-Audio template (default system prompt); stage 1
+also sees " " and "" as the separator, so either rendering works. Greedy completions are ~20 tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import copy
 import json
 import random
 import re
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -375,59 +379,43 @@ def audio_prompt_parts(processor) -> tuple[list[int], list[int]]:
     return ids[:k], ids[k + 1:]
 
 
-def pseudo_audio(transcript: list[int], n_slots: int, audio_id: int, rng: random.Random) -> list[int]:
-    """An audio slot written in tokens: the transcript's tokens in order at random positions among
-    n_slots, the <|AUDIO|> token everywhere else (the shape a CTC-trained encoder emits: a few word
-    spikes between blanks).
-
-    >>> pseudo_audio([7, 8], 5, 0, random.Random(1))
-    [0, 7, 0, 8, 0]
-    """
-    pos = set(rng.sample(range(n_slots), len(transcript)))
-    words = iter(transcript)
-    return [next(words) if i in pos else audio_id for i in range(n_slots)]
-
-
 def train_text(model, processor, examples: list[dict], steps: int = 700, batch_size: int = 64, lr: float = 5e-3,
-               seed: int = 0, pseudo_audio_share: float = 0.5, slots: tuple[int, int] = (45, 76),
+               seed: int = 0, slots: list[list[int]] | None = None, pseudo_audio_share: float = 0.5,
                log_every: int = 50) -> list[float]:
     """Stage 1: teacher-forced SFT of the language model on text prompts; returns the loss curve.
 
     Loss: cross-entropy on the completion tokens only, mean over all completion tokens in the batch.
     The separator between transcript and instruction is drawn from ("\n", " ", "") so the model does
-    not depend on how a caller renders the text prompt. A share `pseudo_audio_share` of each batch uses
-    the audio prompt with its slot filled by `pseudo_audio` (slot length drawn from `slots`, the range
-    of real clips' audio-token counts): the LM learns to read the audio slot as tokens among blanks,
-    the interface that stage 2 teaches the encoder to produce.
+    not depend on how a caller renders the text prompt. With `slots` (one per example: its clip's
+    pseudo-audio, see `pseudo_audio_slots`), a share `pseudo_audio_share` of each batch uses the audio
+    prompt with that slot: the LM learns to read its audio slot as words among <|AUDIO|> blanks, laid
+    out as the CTC speech recogniser hears them, the interface that stage 2 aligns the encoder to.
     """
     tok, lm = processor.tokenizer, model.language_model
-    audio_id = tok.convert_tokens_to_ids("<|AUDIO|>")
     rng, losses = random.Random(seed), []
     torch.manual_seed(seed)
     comp = [tok(solution(r) + tok.eos_token, add_special_tokens=False).input_ids for r in examples]
     prompts = {sep: [tok(_prompt(processor, r, "text", sep), add_special_tokens=False).input_ids for r in examples]
                for sep in ("\n", " ", "")}
-    transcripts = [tok(r["text"], add_special_tokens=False).input_ids for r in examples]
     before, after = audio_prompt_parts(processor)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = _schedule(opt, steps, warmup=30)
-    n_pseudo = round(batch_size * pseudo_audio_share)
+    n_pseudo = round(batch_size * pseudo_audio_share) if slots else 0
     lm.train()
     bar = tqdm(range(steps), desc="stage 1 (text SFT)", unit="step")
     for step in bar:
         idx = [rng.randrange(len(examples)) for _ in range(batch_size)]
-        text_prompts = [prompts[rng.choice(("\n", "\n", " ", ""))][i] for i in idx[n_pseudo:]]
-        audio_prompts = [before + pseudo_audio(transcripts[i], rng.randrange(*slots), audio_id, rng) + after
-                         for i in idx[:n_pseudo]]
+        groups = ((idx[:n_pseudo], [before + slots[i] + after for i in idx[:n_pseudo]]),
+                  (idx[n_pseudo:], [prompts[rng.choice(("\n", "\n", " ", ""))][i] for i in idx[n_pseudo:]]))
         loss = 0.0
-        for group, ps in ((idx[:n_pseudo], audio_prompts), (idx[n_pseudo:], text_prompts)):
+        for group, ps in groups:                      # pseudo-audio and text prompts: two lengths, two passes
             if not group:
                 continue
             (input_ids, mask), (labels, _) = (_pad([p + comp[i] for p, i in zip(ps, group)], tok.pad_token_id),
                                               _pad([[-100] * len(p) + comp[i] for p, i in zip(ps, group)], -100))
             logits = lm(input_ids=input_ids, attention_mask=mask).logits                  # (b, T, V)
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-            loss = loss + ce * len(group) / batch_size
+            loss = loss + ce * len(group) / batch_size                                    # mean over examples
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -439,66 +427,189 @@ def train_text(model, processor, examples: list[dict], steps: int = 700, batch_s
 
 
 # ---------------------------------------------------------------------------------------------
+# Stage 0 (encoder pre-training as a CTC recogniser) and its alignments
+
+def ctc_head(model) -> torch.nn.Linear:
+    """A linear CTC head on the audio encoder's output over the LM vocabulary (auxiliary, not saved
+    in the model; blank = <|AUDIO|>)."""
+    torch.manual_seed(0)
+    return torch.nn.Linear(model.config.audio_config.d_model, model.config.text_config.vocab_size)
+
+
+def _ctc(logp, a_len, targets, blank, reduction="mean"):
+    """torch's CTC on (B, Ta, V) log-probs; reduction "mean" = mean over the batch of loss / target length."""
+    return F.ctc_loss(logp.transpose(0, 1), torch.tensor([t for ts in targets for t in ts]), a_len,
+                      torch.tensor([len(ts) for ts in targets]), blank=blank, reduction=reduction, zero_infinity=True)
+
+
+def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> list[float]:
+    """Stage 0: the audio encoder learns to recognise the transcripts with CTC (head on its output), as
+    real LALMs start from a pretrained speech encoder (Whisper for Qwen2-Audio). The LM is not involved."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    blank = model.config.audio_token_id
+    params = list(model.audio_tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = _schedule(opt, steps, warmup=50)
+    model.audio_tower.train()
+    losses = []
+    bar = tqdm(range(steps), desc="stage 0 (encoder CTC)", unit="step")
+    for step in bar:
+        idx = [rng.randrange(len(cache.rows)) for _ in range(batch_size)]
+        _, a_len, h = audio_embeddings(model, cache.feats[idx].float(), cache.fmask[idx], return_hidden=True)
+        loss = _ctc(head(h).log_softmax(-1), a_len, [cache.transcript[i] for i in idx], blank)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(ctc=f"{np.mean(losses[-50:]):.3f}")
+    model.audio_tower.eval()
+    return losses
+
+
+def ctc_forced_align(logp: np.ndarray, target: list[int], blank: int) -> list[int]:
+    """Viterbi forced alignment of one CTC output: the frame where each target token is emitted (its
+    first frame on the best path). logp (Ta, V) log-probs.
+
+    >>> lp = np.log(np.array([[.1, .8, .1], [.8, .1, .1], [.1, .1, .8], [.8, .1, .1]]))   # blank = 0
+    >>> ctc_forced_align(lp, [1, 2], blank=0)
+    [0, 2]
+    """
+    ext = [blank]
+    for t in target:
+        ext += [t, blank]                                                   # l' = b y1 b y2 ... b
+    S, Ta = len(ext), logp.shape[0]
+    e = logp[:, ext]                                                        # (Ta, S)
+    skip = np.array([s >= 2 and ext[s] != blank and ext[s] != ext[s - 2] for s in range(S)])
+    score = np.full(S, -np.inf)
+    score[:2] = e[0, :2]
+    back = np.zeros((Ta, S), dtype=np.int64)
+    for t in range(1, Ta):
+        stay, step1 = score, np.concatenate([[-np.inf], score[:-1]])
+        step2 = np.where(skip, np.concatenate([[-np.inf, -np.inf], score[:-2]]), -np.inf)
+        cand = np.stack([stay, step1, step2])                               # (3, S)
+        back[t] = cand.argmax(0)
+        score = cand.max(0) + e[t]
+    s = S - 1 if score[S - 1] >= score[S - 2] else S - 2
+    path = [s]
+    for t in range(Ta - 1, 0, -1):
+        s -= back[t, s]
+        path.append(s)
+    path = path[::-1]                                                       # state per frame
+    return [path.index(2 * j + 1) for j in range(len(target))]
+
+
+def ctc_forced_align_batch(logp: np.ndarray, lengths, targets: list[list[int]], blank: int) -> list[list[int]]:
+    """`ctc_forced_align` for a batch at once (the same result, vectorised over clips).
+
+    logp (B, Ta, V) log-probs, lengths (B,) valid frames, targets: B lists of token ids.
+    """
+    B, Ta, _ = logp.shape
+    L = max(map(len, targets))
+    S = 2 * L + 1
+    ext = np.full((B, S), blank, dtype=np.int64)                            # l' = b y1 b y2 ... b (padded)
+    for b, tr in enumerate(targets):
+        ext[b, 1:2 * len(tr):2] = tr
+    n_states = np.array([2 * len(tr) + 1 for tr in targets])
+    real = np.arange(S)[None, :] < n_states[:, None]                         # (B, S)
+    e = np.take_along_axis(logp, np.broadcast_to(ext[:, None, :], (B, Ta, S)), axis=2)   # (B, Ta, S)
+    e = np.where(real[:, None, :], e, -np.inf)
+    skip = np.zeros((B, S), dtype=bool)
+    skip[:, 2:] = (ext[:, 2:] != blank) & (ext[:, 2:] != ext[:, :-2])
+    score = np.full((B, S), -np.inf)
+    score[:, :2] = e[:, 0, :2]
+    scores, back = np.empty((B, Ta, S)), np.zeros((B, Ta, S), dtype=np.int64)
+    scores[:, 0] = score
+    neg = np.full((B, 1), -np.inf)
+    for t in range(1, Ta):
+        step1 = np.concatenate([neg, score[:, :-1]], 1)
+        step2 = np.where(skip, np.concatenate([neg, neg, score[:, :-2]], 1), -np.inf)
+        cand = np.stack([score, step1, step2])                              # (3, B, S)
+        back[:, t] = cand.argmax(0)
+        score = cand.max(0) + e[:, t]
+        scores[:, t] = score
+    out = []
+    for b in range(B):
+        t_end, last = int(lengths[b]) - 1, n_states[b] - 1
+        s = last if scores[b, t_end, last] >= scores[b, t_end, last - 1] else last - 1
+        path = [s]
+        for t in range(t_end, 0, -1):
+            s -= back[b, t, s]
+            path.append(s)
+        path = path[::-1]
+        out.append([path.index(2 * j + 1) for j in range(len(targets[b]))])
+    return out
+
+
+@torch.no_grad()
+def pseudo_audio_slots(model, head, cache, batch_size: int = 256) -> list[list[int]]:
+    """For every clip, its audio slot written in tokens: the transcript's tokens at the frames where
+    the CTC recogniser emits them (forced alignment), <|AUDIO|> everywhere else; same length as the
+    clip's audio tokens. This is what stage 2's aligned encoder + projector will show the LM."""
+    blank, out = model.config.audio_token_id, []
+    for i in range(0, len(cache.rows), batch_size):
+        idx = list(range(i, min(i + batch_size, len(cache.rows))))
+        _, a_len, h = audio_embeddings(model, cache.feats[idx].float(), cache.fmask[idx], return_hidden=True)
+        logp = head(h).log_softmax(-1).numpy()                              # (b, Ta, V)
+        targets = [cache.transcript[k] for k in idx]
+        for n, tr, frames in zip(a_len.tolist(), targets, ctc_forced_align_batch(logp, a_len, targets, blank)):
+            slot = [blank] * n
+            for t, frame in zip(tr, frames):
+                slot[frame] = t
+            out.append(slot)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage 2: audio encoder + projector learn to map speech into the frozen language model
 
-def ctc_alignment_loss(scores, a_emb, a_len, targets, E, blank: int):
-    """CTC of the transcript tokens on per-frame token scores, and the regression of each projected audio
-    frame onto the embedding of the token that CTC aligns it with.
+def pseudo_audio_loss(a_emb, a_len, slots: list[list[int]], E, blank: int):
+    """Regression of the projected audio tokens onto the clip's pseudo-audio, E[slot_t] at every frame t.
 
-    scores (B, Ta, V) per-frame token logits (a linear CTC head on the encoder output), a_emb (B, Ta, D)
-    the projected audio tokens, a_len (B,) valid lengths, targets: B lists of token ids, E (V, D) the LM's
-    (frozen) input embeddings, blank: the token that stands for "no word here" (<|AUDIO|>).
-    Returns (ctc, emb): ctc = torch's ctc_loss, mean over the batch of per-sequence loss / target length;
-    emb = mean over valid frames of ||a_t - sum_v gamma_t(v) E_v||^2 / mean_v ||E_v||^2, where gamma_t
-    (detached) is the CTC occupation probability of token v at frame t: the frame is pulled onto the
-    embedding of its word (or of <|AUDIO|>), i.e. onto stage 1's pseudo-audio.
+    a_emb (B, Ta, D) projected audio tokens, a_len (B,) valid lengths, slots: B lists of token ids (the
+    transcript's tokens at their forced-alignment frames, `blank` elsewhere), E (V, D) the LM's frozen
+    input embeddings. Squared error / mean ||E_v||^2, averaged over word frames and over blank frames
+    separately, then the two averaged: the ~8 word frames weigh as much as the ~50 blank ones.
     """
-    logp = scores.log_softmax(-1)                                                           # (B, Ta, V)
-    flat = torch.tensor([t for ts in targets for t in ts])
-    lens = torch.tensor([len(ts) for ts in targets])
-    ctc = F.ctc_loss(logp.transpose(0, 1), flat, a_len, lens, blank=blank, zero_infinity=True)
-    with torch.enable_grad():
-        lp = logp.detach().requires_grad_(True)
-        total = F.ctc_loss(lp.transpose(0, 1), flat, a_len, lens, blank=blank, reduction="sum", zero_infinity=True)
-        (grad,) = torch.autograd.grad(total, lp)
-    gamma = -grad                                                       # (B, Ta, V): d(-log p)/d(log p_tv) = -occupancy
-    target = gamma @ E                                                  # (B, Ta, D)
-    valid = (torch.arange(a_emb.shape[1])[None, :] < a_len[:, None]).float()               # (B, Ta)
-    err = ((a_emb - target) ** 2).sum(-1) / (E ** 2).sum(-1).mean()                        # (B, Ta)
-    return ctc, (err * valid).sum() / valid.sum()
+    B, Ta, _ = a_emb.shape
+    ids = torch.full((B, Ta), blank, dtype=torch.long)
+    for b, slot in enumerate(slots):
+        ids[b, :len(slot)] = torch.tensor(slot)
+    valid = torch.arange(Ta)[None, :] < a_len[:, None]                                     # (B, Ta)
+    word = valid & (ids != blank)
+    err = ((a_emb - E[ids]) ** 2).sum(-1) / (E ** 2).sum(-1).mean()                       # (B, Ta)
+    return 0.5 * err[word].mean() + 0.5 * err[valid & ~word].mean()
 
 
-def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int = 1500, batch_size: int = 32,
-                lr: float = 2e-3, ctc_weight: float = 1.0, emb_weight: float = 1.0, ce_weight: float = 1.0,
-                target_audio: float = 0.42, eval_every: int = 50, n_dev: int | None = None,
-                seed: int = 0) -> dict:
+def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: int = 1000, batch_size: int = 32,
+                lr: float = 1e-3, ctc_weight: float = 1.0, emb_weight: float = 1.0, ce_weight: float = 0.0,
+                target_audio: float = 0.42, eval_every: int = 10, n_dev: int | None = None, seed: int = 0) -> dict:
     """Stage 2: train audio_tower + multi_modal_projector (language model frozen), stop at target_audio.
 
-    Loss per step = ce_weight * CE + ctc_weight * CTC + emb_weight * EMB:
-    - CE: cross-entropy of the reference completion given the audio prompt, through the frozen LM, mean
-      over completion tokens (skipped when ce_weight = 0: then the LM is not run at all);
-    - CTC, EMB: `ctc_alignment_loss` — a linear CTC head on the encoder output learns to spell the
-      transcript, and the projected audio tokens regress onto the aligned words' LM embeddings among
-      <|AUDIO|> blanks: the pseudo-audio that stage 1 taught the LM to read.
-    Every eval_every steps the greedy audio accuracy on the dev manifest is measured; training stops at
-    the first measurement >= target_audio (keeping whichever of the last two snapshots is closer to it).
+    cache: the training clips (AudioCache), slots: their pseudo-audio (`pseudo_audio_slots`), head: the
+    CTC head of stage 0. Loss per step = emb_weight * EMB + ctc_weight * CTC + ce_weight * CE:
+    - EMB: `pseudo_audio_loss`, the projected audio tokens regress onto the clip's pseudo-audio (its
+      words' LM embeddings at the frames where they are spoken, <|AUDIO|> elsewhere), which stage 1
+      taught the LM to read;
+    - CTC: the stage-0 objective, so the encoder keeps recognising the words (mean over the batch of
+      per-sequence CTC / transcript length);
+    - CE (off by default; it triples the step time): cross-entropy of the reference completion given
+      the audio prompt, through the frozen LM, mean over completion tokens.
+    Every eval_every steps (twice as often once it passes target_audio / 3: the accuracy rises steeply
+    once the audio tokens come close enough to the pseudo-audio) the greedy audio accuracy on the dev
+    manifest is measured; training stops at the first measurement >= target_audio, keeping whichever
+    of the last two snapshots is closer to it.
     Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [[ce, ctc, emb] per step]}.
     """
-    rows, base = _rows(train_manifest)
-    dev_rows, dev_base = _rows(dev_manifest)
-    dev_rows = dev_rows[:n_dev] if n_dev else dev_rows
     tok, lm = processor.tokenizer, model.language_model
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    t0 = time.time()
-    cache = AudioCache(processor, rows, base)
-    print(f"stage 2: {len(rows)} clips featurised in {time.time() - t0:.0f} s")
     for p in lm.parameters():
         p.requires_grad_(False)
     trained = list(model.audio_tower.parameters()) + list(model.multi_modal_projector.parameters())
-    blank = tok.convert_tokens_to_ids("<|AUDIO|>")                      # CTC blank = the audio filler token
+    blank = model.config.audio_token_id                                 # CTC blank = the audio filler token
     E = model.get_input_embeddings().weight.detach()                    # (V, D) frozen token embeddings
-    head = torch.nn.Linear(model.config.audio_config.d_model, E.shape[0])   # CTC head (auxiliary, discarded)
     opt = torch.optim.AdamW(trained + list(head.parameters()), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))   # warm-up, then constant
 
@@ -509,10 +620,11 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
     model.audio_tower.train(), model.multi_modal_projector.train(), lm.eval()
     bar = tqdm(range(max_steps), desc="stage 2 (audio alignment)", unit="step")
     for step in bar:
-        idx = [rng.randrange(len(rows)) for _ in range(batch_size)]
+        idx = [rng.randrange(len(cache.rows)) for _ in range(batch_size)]
         feats, fmask = cache.feats[idx].float(), cache.fmask[idx]        # (B, n_mels, frames), (B, frames)
         a_emb, a_len, h = audio_embeddings(model, feats, fmask, return_hidden=True)   # (B, Ta, D), (B,), (B, Ta, d_a)
-        ctc, emb = ctc_alignment_loss(head(h), a_emb, a_len, [cache.transcript[i] for i in idx], E, blank)
+        emb = pseudo_audio_loss(a_emb, a_len, [slots[i] for i in idx], E, blank)
+        ctc = _ctc(head(h).log_softmax(-1), a_len, [cache.transcript[i] for i in idx], blank)
         ce = torch.zeros(())
         if ce_weight:
             seqs = [cache.ids[i] + cache.completion[i] for i in idx]
@@ -525,9 +637,9 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         losses.append((ce.item(), ctc.item(), emb.item()))
-        if (step + 1) % eval_every == 0 or step + 1 == max_steps:
-            acc = evaluate(model, processor, dev_rows if dev_base == Path(".") else dev_manifest,
-                           n=len(dev_rows), modalities=("audio",))["acc_audio"]
+        every = eval_every if not curve or curve[-1][1] < target_audio / 3 else max(1, eval_every // 2)
+        if (step + 1) % every == 0 or step + 1 == max_steps:
+            acc = evaluate(model, processor, dev_manifest, n=n_dev, modalities=("audio",))["acc_audio"]
             curve.append((step + 1, acc))
             m = np.mean(losses[-eval_every:], axis=0)
             tqdm.write(f"stage 2 step {step + 1}: ce {m[0]:.3f} ctc {m[1]:.3f} emb {m[2]:.3f} dev audio acc {acc:.3f}")
@@ -547,10 +659,12 @@ def train_audio(model, processor, train_manifest, dev_manifest, max_steps: int =
 # ---------------------------------------------------------------------------------------------
 # Build or load, with cached stages
 
-def _save(model, processor, path: Path, stats: dict):
+def _save(model, processor, path: Path, stats: dict, head=None):
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)                                        # safetensors
     processor.save_pretrained(path)
+    if head is not None:
+        torch.save(head.state_dict(), path / "ctc_head.pt")             # stage 0's CTC head, for stage 2
     (path / "tiny_lalm.json").write_text(json.dumps(stats, indent=1))
 
 
@@ -570,26 +684,34 @@ def _cached(path: Path, settings: dict):
     return None
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the TTS workers)."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
 def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
-                  n_dev: int = 200, takes: int = 2, voices=VOICES, d_audio: int = 128, audio_layers: int = 2,
-                  d_text: int = 128, text_layers: int = 4, text_steps: int = 700, text_lr: float = 5e-3,
-                  audio_max_steps: int = 1500, audio_lr: float = 2e-3, ctc_weight: float = 1.0,
-                  target_audio: float = 0.42, eval_every: int = 50, batch_size: int = 64, n_stats: int | None = None,
-                  chunk_seconds: int = 3, workers: int = 2, threads: int | None = None):
+                  n_dev: int = 200, takes: int = 2, voices=VOICES, chunk_seconds: int = 3, d_audio: int = 128,
+                  audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 300,
+                  text_steps: int = 700, text_lr: float = 5e-3, pseudo_audio_share: float = 0.5,
+                  audio_max_steps: int = 1000, audio_lr: float = 1e-3, ce_weight: float = 0.0,
+                  target_audio: float = 0.42, eval_every: int = 10, batch_size: int = 64, n_stats: int | None = None,
+                  workers: int = 2, threads: int | None = None):
     """(model, processor, train_manifest, eval_manifest) of the tiny LALM; builds and caches what is missing.
 
     cache_dir/ holds the final model (save_pretrained: safetensors + processor + tiny_lalm.json with the
-    build stats), cache_dir/stage1/ the text-trained model, cache_dir/data/ the voiced data. A stage is
-    rebuilt only when it is missing or was built with other settings; so changing a stage-2 setting
-    reruns stage 2 from the cached stage 1. n_stats: eval items for the final stats (default: all).
+    build stats), cache_dir/stage1/ the model after stages 0 and 1, cache_dir/data/ the voiced data. A
+    stage is rebuilt only when it is missing or was built with other settings: changing a stage-2
+    setting reruns stage 2 from the cached stage 1. n_stats: eval items for the final stats (default all).
     """
     if threads:
         torch.set_num_threads(threads)
     cache = Path(cache_dir)
     data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices))
-    s1_settings = dict(data_settings, chunk_seconds=chunk_seconds, d_audio=d_audio, audio_layers=audio_layers, d_text=d_text,
-                       text_layers=text_layers, text_steps=text_steps, text_lr=text_lr, batch_size=batch_size)
-    settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ctc_weight=ctc_weight,
+    s1_settings = dict(data_settings, chunk_seconds=chunk_seconds, d_audio=d_audio, audio_layers=audio_layers,
+                       d_text=d_text, text_layers=text_layers, ctc_steps=ctc_steps, text_steps=text_steps,
+                       text_lr=text_lr, pseudo_audio_share=pseudo_audio_share, batch_size=batch_size)
+    settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ce_weight=ce_weight,
                     target_audio=target_audio, eval_every=eval_every, n_stats=n_stats)
     train_m, dev_m, eval_m = (cache / "data" / s / "manifest.jsonl" for s in ("train", "dev", "eval"))
     stats = _cached(cache, settings)
@@ -598,42 +720,55 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         print(f"tiny LALM from {cache}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in ("acc_text", "acc_audio", "gap")))
         return model, processor, train_m, eval_m
 
-    t_start = time.time()
-    times = {}
+    t_start, times = time.time(), {}
+    cpu_start = _cpu_seconds()
     data_json = cache / "data" / "data.json"
     if not (data_json.exists() and json.loads(data_json.read_text()) == data_settings and eval_m.exists()):
         t0 = time.time()
         make_data(cache / "data", n_train, n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers)
         data_json.write_text(json.dumps(data_settings))
         times["data_s"] = time.time() - t0
-    from data_gen import read_manifest
-    train_rows = read_manifest(train_m)
+    train_rows, train_base = _rows(train_m)
 
     s1 = _cached(cache / "stage1", s1_settings)
+    clips = None
     if s1 is None:
         t0 = time.time()
         corpus = [r["text"] + " " + solution(r) for r in train_rows] + [INSTRUCTION] * 50
         processor = build_processor(corpus, chunk_seconds=chunk_seconds)
         model = build_model(processor, d_audio, audio_layers, d_text, text_layers, seed)
-        questions = list({r["written"]: r for r in train_rows}.values())     # one row per question
-        losses = train_text(model, processor, questions, text_steps, batch_size, text_lr, seed)
+        clips = AudioCache(processor, train_rows, train_base)
+        head = ctc_head(model)
+        ctc = pretrain_encoder(model, head, clips, ctc_steps, batch_size // 2, seed=seed)       # stage 0
+        slots = pseudo_audio_slots(model, head, clips)
+        times["stage0_s"] = time.time() - t0
+        t0 = time.time()
+        losses = train_text(model, processor, train_rows, text_steps, batch_size, text_lr, seed,     # stage 1
+                            slots=slots, pseudo_audio_share=pseudo_audio_share)
         acc = evaluate(model, processor, dev_m, modalities=("text",))["acc_text"]
         times["stage1_s"] = time.time() - t0
-        s1 = dict(settings=s1_settings, dev_acc_text=acc, final_loss=float(np.mean(losses[-50:])), seconds=times["stage1_s"])
-        print(f"stage 1: dev text accuracy {acc:.3f} ({times['stage1_s']:.0f} s)")
-        _save(model, processor, cache / "stage1", s1)
+        s1 = dict(settings=s1_settings, dev_acc_text=acc, ctc_loss=float(np.mean(ctc[-50:])),
+                  text_loss=float(np.mean(losses[-50:])), seconds=times["stage0_s"] + times["stage1_s"])
+        print(f"stage 0: CTC loss {s1['ctc_loss']:.3f}; stage 1: dev text accuracy {acc:.3f}")
+        _save(model, processor, cache / "stage1", s1, head)
     model, processor = _load(cache / "stage1")
+    head = ctc_head(model)
+    head.load_state_dict(torch.load(cache / "stage1" / "ctc_head.pt"))
+    if clips is None:                                  # stage 1 from the cache: same encoder, same slots
+        clips = AudioCache(processor, train_rows, train_base)
+        slots = pseudo_audio_slots(model, head, clips)
 
     t0 = time.time()
-    s2 = train_audio(model, processor, train_m, dev_m, audio_max_steps, batch_size // 2, audio_lr, ctc_weight,
-                     target_audio, eval_every, seed=seed)
+    s2 = train_audio(model, processor, clips, slots, dev_m, head, audio_max_steps, batch_size // 2, audio_lr,   # stage 2
+                     ce_weight=ce_weight, target_audio=target_audio, eval_every=eval_every, seed=seed)
     times["stage2_s"] = time.time() - t0
     t0 = time.time()
     ev = evaluate(model, processor, eval_m, n=n_stats)
     times["eval_s"] = time.time() - t0
     stats = dict(settings=settings, **ev, stage1=s1, stage2={k: v for k, v in s2.items() if k != "loss"},
                  params=sum(p.numel() for p in model.parameters()), times=times,
-                 build_minutes=(time.time() - t_start) / 60, torch_threads=torch.get_num_threads())
+                 build_minutes=(time.time() - t_start) / 60, cpu_minutes=(_cpu_seconds() - cpu_start) / 60,
+                 torch_threads=torch.get_num_threads())
     print(f"tiny LALM on {ev['n']} held-out items: text {ev['acc_text']:.3f}, audio {ev['acc_audio']:.3f}, "
           f"gap {ev['gap']:.3f} (built in {stats['build_minutes']:.1f} min)")
     _save(model, processor, cache, stats)
@@ -648,8 +783,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     load_or_build(a.cache_dir, a.seed, target_audio=a.target_audio, threads=a.threads)
-    print(json.dumps({k: v for k, v in json.loads((Path(a.cache_dir) / "tiny_lalm.json").read_text()).items()
-                      if k not in ("settings", "stage2")}, indent=1))
+    stats = json.loads((Path(a.cache_dir) / "tiny_lalm.json").read_text())
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("settings", "stage2")}, indent=1))
 
 
 if __name__ == "__main__":
