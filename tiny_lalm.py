@@ -379,7 +379,7 @@ def audio_prompt_parts(processor) -> tuple[list[int], list[int]]:
     return ids[:k], ids[k + 1:]
 
 
-def train_text(model, processor, examples: list[dict], steps: int = 700, batch_size: int = 64, lr: float = 5e-3,
+def train_text(model, processor, examples: list[dict], steps: int = 500, batch_size: int = 64, lr: float = 5e-3,
                seed: int = 0, slots: list[list[int]] | None = None, pseudo_audio_share: float = 0.5,
                log_every: int = 50) -> list[float]:
     """Stage 1: teacher-forced SFT of the language model on text prompts; returns the loss curve.
@@ -584,7 +584,8 @@ def pseudo_audio_loss(a_emb, a_len, slots: list[list[int]], E, blank: int):
 
 def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: int = 1000, batch_size: int = 32,
                 lr: float = 1e-3, ctc_weight: float = 1.0, emb_weight: float = 1.0, ce_weight: float = 0.0,
-                target_audio: float = 0.42, eval_every: int = 10, n_dev: int | None = None, seed: int = 0) -> dict:
+                target_audio: float = 0.42, eval_every: int = 10, fine_lr: float = 0.25, n_dev: int | None = None,
+                seed: int = 0) -> dict:
     """Stage 2: train audio_tower + multi_modal_projector (language model frozen), stop at target_audio.
 
     cache: the training clips (AudioCache), slots: their pseudo-audio (`pseudo_audio_slots`), head: the
@@ -596,10 +597,10 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
       per-sequence CTC / transcript length);
     - CE (off by default; it triples the step time): cross-entropy of the reference completion given
       the audio prompt, through the frozen LM, mean over completion tokens.
-    Every eval_every steps (twice as often once it passes target_audio / 3: the accuracy rises steeply
-    once the audio tokens come close enough to the pseudo-audio) the greedy audio accuracy on the dev
-    manifest is measured; training stops at the first measurement >= target_audio, keeping whichever
-    of the last two snapshots is closer to it.
+    Every eval_every steps the greedy audio accuracy on the dev manifest is measured. The accuracy rises
+    steeply once the audio tokens come close to the pseudo-audio, so from target_audio / 4 on the
+    learning rate is multiplied by fine_lr and the accuracy measured twice as often; training stops at
+    the first measurement >= target_audio, keeping whichever of the last two snapshots is closer to it.
     Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [[ce, ctc, emb] per step]}.
     """
     tok, lm = processor.tokenizer, model.language_model
@@ -611,7 +612,9 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
     blank = model.config.audio_token_id                                 # CTC blank = the audio filler token
     E = model.get_input_embeddings().weight.detach()                    # (V, D) frozen token embeddings
     opt = torch.optim.AdamW(trained + list(head.parameters()), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))   # warm-up, then constant
+    near = [False]                                                      # set once dev acc >= target_audio / 4
+    sched = torch.optim.lr_scheduler.LambdaLR(                          # warm-up, constant, x fine_lr when near
+        opt, lambda s: min(1.0, (s + 1) / 50) * (fine_lr if near[0] else 1.0))
 
     def snapshot():
         return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("language_model.")}
@@ -637,7 +640,7 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         losses.append((ce.item(), ctc.item(), emb.item()))
-        every = eval_every if not curve or curve[-1][1] < target_audio / 3 else max(1, eval_every // 2)
+        every = max(1, eval_every // 2) if near[0] else eval_every
         if (step + 1) % every == 0 or step + 1 == max_steps:
             acc = evaluate(model, processor, dev_manifest, n=n_dev, modalities=("audio",))["acc_audio"]
             curve.append((step + 1, acc))
@@ -649,6 +652,7 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
                     curve.append(curve[-2])
                 break
             prev = (snapshot(), acc)
+            near[0] = near[0] or acc >= target_audio / 4
     for p in lm.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -693,7 +697,7 @@ def _cpu_seconds() -> float:
 def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
                   n_dev: int = 200, takes: int = 2, voices=VOICES, chunk_seconds: int = 3, d_audio: int = 128,
                   audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 300,
-                  text_steps: int = 700, text_lr: float = 5e-3, pseudo_audio_share: float = 0.5,
+                  text_steps: int = 500, text_lr: float = 5e-3, pseudo_audio_share: float = 0.5,
                   audio_max_steps: int = 1000, audio_lr: float = 1e-3, ce_weight: float = 0.0,
                   target_audio: float = 0.42, eval_every: int = 10, batch_size: int = 64, n_stats: int | None = None,
                   workers: int = 2, threads: int | None = None):
