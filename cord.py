@@ -1228,17 +1228,17 @@ def plot_curves(results: dict, args: Args, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for obj in args.compare_objectives.split(","):
         curves = [results[(obj, s)] for s in range(args.compare_seeds)]
         steps = [p["step"] for p in curves[0]]
-        for ax, key in zip(axes, ("acc_audio", "gap")):
+        for ax, key in zip(axes, ("acc_text", "acc_audio", "gap")):
             y = np.array([[p[key] for p in c] for c in curves])
             ax.plot(steps, y.mean(0), label=obj, lw=2.5 if obj == "cord" else 1.2)
             ax.fill_between(steps, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
-    for ax, title in zip(axes, ("audio accuracy (%)", "gap = text - audio (points)")):
+    for ax, title in zip(axes, ("text accuracy (%)", "audio accuracy (%)", "gap = text - audio (points)")):
         ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.suptitle(f"tiny Qwen2-Audio, {args.compare_seeds} seeds (mean ± std)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
