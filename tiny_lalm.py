@@ -4,7 +4,8 @@ No real audio LLM can be downloaded here and most readers have no GPU, so the CP
 the *real* transformers architecture (`Qwen2AudioForConditionalGeneration`, with a real processor: a
 byte-level BPE tokenizer trained on the fly, the Qwen2-Audio chat template, a Whisper feature extractor
 with a 3 s chunk) in the paper's situation: the same question is answered well when read and worse
-when heard. Built deterministically from a seed, in stages, each cached:
+when heard. Built deterministically from a seed (for a given torch thread count: one and two threads
+sum floats in a different order and give different models), in stages, each cached:
 
     data  two-step spoken arithmetic ("What is seven plus six minus two?"), voiced offline by
           data_gen.py (hibari and espeak-ng voices at several speeds); eval and dev questions are
