@@ -46,6 +46,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import (
@@ -469,42 +470,14 @@ def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32,
     return losses
 
 
-def ctc_forced_align(logp: np.ndarray, target: list[int], blank: int) -> list[int]:
-    """Viterbi forced alignment of one CTC output: the frame where each target token is emitted (its
-    first frame on the best path). logp (Ta, V) log-probs.
-
-    >>> lp = np.log(np.array([[.1, .8, .1], [.8, .1, .1], [.1, .1, .8], [.8, .1, .1]]))   # blank = 0
-    >>> ctc_forced_align(lp, [1, 2], blank=0)
-    [0, 2]
-    """
-    ext = [blank]
-    for t in target:
-        ext += [t, blank]                                                   # l' = b y1 b y2 ... b
-    S, Ta = len(ext), logp.shape[0]
-    e = logp[:, ext]                                                        # (Ta, S)
-    skip = np.array([s >= 2 and ext[s] != blank and ext[s] != ext[s - 2] for s in range(S)])
-    score = np.full(S, -np.inf)
-    score[:2] = e[0, :2]
-    back = np.zeros((Ta, S), dtype=np.int64)
-    for t in range(1, Ta):
-        stay, step1 = score, np.concatenate([[-np.inf], score[:-1]])
-        step2 = np.where(skip, np.concatenate([[-np.inf, -np.inf], score[:-2]]), -np.inf)
-        cand = np.stack([stay, step1, step2])                               # (3, S)
-        back[t] = cand.argmax(0)
-        score = cand.max(0) + e[t]
-    s = S - 1 if score[S - 1] >= score[S - 2] else S - 2
-    path = [s]
-    for t in range(Ta - 1, 0, -1):
-        s -= back[t, s]
-        path.append(s)
-    path = path[::-1]                                                       # state per frame
-    return [path.index(2 * j + 1) for j in range(len(target))]
-
-
 def ctc_forced_align_batch(logp: np.ndarray, lengths, targets: list[list[int]], blank: int) -> list[list[int]]:
-    """`ctc_forced_align` for a batch at once (the same result, vectorised over clips).
+    """Viterbi forced alignment of a batch of CTC outputs: for each clip, the frame where each target
+    token is emitted (its first frame on the best path), vectorised over clips.
 
     logp (B, Ta, V) log-probs, lengths (B,) valid frames, targets: B lists of token ids.
+    >>> lp = np.log(np.array([[[.1, .8, .1], [.8, .1, .1], [.1, .1, .8], [.8, .1, .1]]]))   # blank = 0
+    >>> ctc_forced_align_batch(lp, [4], [[1, 2]], blank=0)
+    [[0, 2]]
     """
     B, Ta, _ = logp.shape
     L = max(map(len, targets))
@@ -669,7 +642,7 @@ def _save(model, processor, path: Path, stats: dict, head=None):
     model.save_pretrained(path)                                        # safetensors
     processor.save_pretrained(path)
     if head is not None:
-        torch.save(head.state_dict(), path / "ctc_head.pt")             # stage 0's CTC head, for stage 2
+        save_file(head.state_dict(), path / "ctc_head.safetensors")    # stage 0's CTC head, for stage 2
     (path / "tiny_lalm.json").write_text(json.dumps(stats, indent=1))
 
 
@@ -735,7 +708,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         times["data_s"] = time.time() - t0
     train_rows, train_base = _rows(train_m)
 
-    s1 = _cached(cache / "stage1", s1_settings)
+    s1 = _cached(cache / "stage1", s1_settings) if (cache / "stage1" / "ctc_head.safetensors").exists() else None
     clips = None
     if s1 is None:
         t0 = time.time()
@@ -758,7 +731,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         _save(model, processor, cache / "stage1", s1, head)
     model, processor = _load(cache / "stage1")
     head = ctc_head(model)
-    head.load_state_dict(torch.load(cache / "stage1" / "ctc_head.pt"))
+    head.load_state_dict(load_file(cache / "stage1" / "ctc_head.safetensors"))
     if clips is None:                                  # stage 1 from the cache: same encoder, same slots
         clips = AudioCache(processor, train_rows, train_base)
         slots = pseudo_audio_slots(model, head, clips)
