@@ -18,11 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import cord
+import kernels
+import plumbing
+from families import LALM, qwen2_audio_features
 
 # Qwen2-Audio-7B-Instruct's configuration (config.json of the released model), for random-init timing.
 QWEN2_AUDIO_7B = dict(
@@ -69,7 +73,7 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
     inputs_mb = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated() / 2**20
     clock = time.perf_counter()
     if variant == "hidden-fused":
-        D, logp = cord.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=32)
+        D, logp = kernels.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=32)
     else:
         chunk = None if variant.endswith("naive") else 32
         s, t = (leaf, t) if variant.startswith("logits") else (leaf @ W.T, h_t @ W.T)
@@ -175,8 +179,8 @@ def step_bench(a) -> dict:
         model, processor = build_bench_model(a.model, dtype, device)
         path = tempfile.mkdtemp()
         processor.save_pretrained(path)  # tokenizer, features, template; weights stay in memory
-        lalm = cord.LALM(model, processor.tokenizer, processor.feature_extractor, processor.chat_template,
-                         cord.qwen2_audio_features, model.config.audio_token_index, [], [processor.tokenizer.eos_token_id], processor)
+        lalm = LALM(model, processor.tokenizer, processor.feature_extractor, processor.chat_template,
+                         qwen2_audio_features, model.config.audio_token_index, [], [processor.tokenizer.eos_token_id], processor)
         n_tok = len(processor.tokenizer)
         lalm.suppress_ids = [model.config.audio_token_index] + list(range(n_tok, model.config.text_config.vocab_size))
     else:
@@ -191,7 +195,7 @@ def step_bench(a) -> dict:
     for i in range(a.prompts):
         audio = (0.05 * rng.standard_normal(int(16000 * a.seconds))).astype(np.float32)
         sf.write(f"{root}/{i}.wav", audio, 16000)
-        examples.append({"id": str(i), "audio_path": cord.Path(f"{root}/{i}.wav"), "text": "what is two plus three " * 3, "answer": "5"})
+        examples.append({"id": str(i), "audio_path": Path(f"{root}/{i}.wav"), "text": "what is two plus three " * 3, "answer": "5"})
     args = cord.Args(model="bench", objective=a.objective, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                      batch_size=a.prompts, train="lora" if a.lora else "all", gradient_checkpointing=a.gradient_checkpointing,
                      chunk_size=a.chunk_size, reward_ref="answer")
@@ -204,13 +208,13 @@ def step_bench(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rows = []
     for step in range(a.warmup + a.steps):
-        t0 = cord._sync_time(device)
-        opt.zero_grad(set_to_none=True)
-        _, m = cord.train_step(lalm, teacher, judges, examples, args)
-        t1 = cord._sync_time(device)
-        torch.nn.utils.clip_grad_norm_(params, 1.0), opt.step()
-        m["t_optimizer"] = cord._sync_time(device) - t1
-        m["t_step"] = cord._sync_time(device) - t0
+        clock = plumbing.Clock(device)
+        with clock("t_step"):
+            opt.zero_grad(set_to_none=True)
+            _, m = cord.train_step(lalm, teacher, judges, examples, args)
+            with clock("t_optimizer"):
+                torch.nn.utils.clip_grad_norm_(params, 1.0), opt.step()
+        m.update(clock.times)
         if step >= a.warmup:
             rows.append(m)
         print(json.dumps({k: round(v, 4) for k, v in m.items() if k.startswith("t_")}), flush=True)

@@ -667,6 +667,36 @@ def read_manifest(path, check_files: bool = True) -> list[dict]:
     return rows
 
 
+def load_manifest(path) -> list[dict]:
+    """A manifest for training or evaluation: read_manifest's rows plus `audio_path` (the WAV's full path).
+
+    A missing, empty or bad manifest stops the program with one line: `path:line: what is wrong`.
+    """
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such manifest; make one with data_gen.py (README)")
+    try:
+        rows = read_manifest(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not rows:
+        raise SystemExit(f"{path}: the manifest is empty")
+    return [dict(ex, audio_path=Path(path).parent / ex["audio"]) for ex in rows]
+
+
+def load_audio(path, sampling_rate: int = SR) -> np.ndarray:
+    """A clip as mono float32 at `sampling_rate` (resampled to 16 kHz if it is not); unreadable = one line naming it."""
+    try:
+        audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types
+        raise SystemExit(f"{path}: cannot read audio ({e}); check the manifest's 'audio' field") from None
+    audio = audio.mean(1)  # mono
+    if sr != sampling_rate:
+        if sampling_rate != SR:
+            raise SystemExit(f"{path}: sample rate {sr}, model wants {sampling_rate}; resample the data")
+        audio = to_16k(audio, sr)
+    return audio
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 

@@ -24,7 +24,7 @@ sum floats in a different order and give different models), in stages, each cach
 Usage:
     python tiny_lalm.py                          # build (or load) .cache/tiny_lalm and print the stats
     model, processor, train_manifest, eval_manifest = load_or_build()
-    evaluate(model, processor, eval_manifest)    # {'acc_text': ..., 'acc_audio': ..., 'gap': ..., 'n': ...}
+    accuracy(model, processor, eval_manifest)    # {'acc_text': ..., 'acc_audio': ..., 'gap': ..., 'n': ...}
 
 Prompts (`messages(row, modality)` builds them): the user turn is [audio, INSTRUCTION] for audio and
 "<transcript>\n" + INSTRUCTION for text, in the Qwen2-Audio template (default system prompt); stage 1
@@ -33,7 +33,6 @@ also sees " " and "" as the separator, so either rendering works. Greedy complet
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import re
@@ -43,7 +42,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -57,9 +55,12 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from data_gen import SR, load_audio
+from judge import RuleJudge
+from families import qwen2_audio_encoder
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 INSTRUCTION = "Solve it."
-SR = 16000
 # Voices mixed per clip ("backend:voice:speed", see data_gen.synthesize): two fast engines, several speeds.
 # (piper is ~10x slower per clip than these; without espeak-ng installed, hibari's speeds are used alone.)
 VOICES = ("hibari:heart:0.9", "hibari:heart:1.05", "hibari:heart:1.25", "espeak:en-us:175", "espeak:en-us+f3:150")
@@ -251,9 +252,7 @@ def _prompt(processor, row, modality, sep="\n") -> str:
 
 
 def _load_audio(row: dict, base: Path) -> np.ndarray:
-    audio, sr = sf.read(str(base / row["audio"]), dtype="float32")
-    assert sr == SR, f"{row['audio']}: {sr} Hz, expected {SR}"
-    return audio
+    return load_audio(base / row["audio"], SR)
 
 
 def _rows(manifest) -> tuple[list[dict], Path]:
@@ -295,16 +294,10 @@ class AudioCache:
 # Forward pieces (the same computation as Qwen2AudioForConditionalGeneration.forward, opened up)
 
 def audio_embeddings(model, input_features, feature_attention_mask, return_hidden: bool = False):
-    """Projected audio tokens (B, Ta, D) and their valid lengths (B,), as the model's forward makes them
-    (and the encoder output (B, Ta, d_audio) with return_hidden)."""
+    """Projected audio tokens (B, Ta, D) and their valid lengths (B,), through families.qwen2_audio_encoder (the
+    encoder as the model's own forward runs it); with return_hidden also the encoder output (B, Ta, d_audio)."""
     enc = model.audio_tower
-    feat_len, out_len = enc._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
-    B, _, n_frames = input_features.shape
-    S = (n_frames - 2) // 2 + 1                                                       # after conv2
-    pad = torch.arange(S)[None, :] >= feat_len[:, None]                               # (B, S)
-    mask = torch.zeros(B, 1, S, S, dtype=enc.conv1.weight.dtype)
-    mask.masked_fill_(pad[:, None, None, :], float("-inf"))                           # (B, 1, S, S)
-    h = enc(input_features.to(enc.conv1.weight.dtype), attention_mask=mask).last_hidden_state   # (B, Ta, d_audio)
+    h, out_len = qwen2_audio_encoder(enc, input_features.to(enc.conv1.weight.dtype), feature_attention_mask)  # (B, Ta, d_audio)
     if return_hidden:
         return model.multi_modal_projector(h), out_len, h
     return model.multi_modal_projector(h), out_len                                   # (B, Ta, D), (B,)
@@ -319,12 +312,7 @@ def _merge(model, input_ids, audio_emb, audio_len) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: batched greedy decoding, last number vs answer
-
-def last_number(text: str):
-    nums = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
-    return nums[-1] if nums else None
-
+# Accuracy during the build: batched greedy decoding (model.generate), scored by judge.RuleJudge as cord.evaluate is
 
 @torch.no_grad()
 def generate_answers(model, processor, rows, base, modality, batch_size=100, max_new_tokens=40) -> list[str]:
@@ -347,18 +335,18 @@ def generate_answers(model, processor, rows, base, modality, batch_size=100, max
     return outs
 
 
-def evaluate(model, processor, manifest, n: int | None = None, modalities=("text", "audio"), batch_size: int = 100) -> dict:
-    """Greedy accuracy from text and from audio on the first n items: {acc_text, acc_audio, gap, n}.
+def accuracy(model, processor, manifest, n: int | None = None, modalities=("text", "audio"), batch_size: int = 100) -> dict:
+    """Greedy accuracy from text and from audio on the first n items: {acc_text, acc_audio, gap, n}, as fractions.
 
-    An item is right when the last number of the completion equals its answer. (cord.py has the full
-    evaluation with judge.py; this one is small, for the build's early stopping and stats.)
+    Scored as cord.evaluate scores (judge.RuleJudge against the answer); this one is small and fast, for the
+    build's early stopping and stats (cord.evaluate adds the KL analysis and runs on the demo's eval set).
     """
     rows, base = _rows(manifest)
     rows = rows[:n] if n else rows
-    out = {"n": len(rows)}
+    out, rule = {"n": len(rows)}, RuleJudge(ground_truth=True)
     for m in modalities:
         answers = generate_answers(model, processor, rows, base, m, batch_size)
-        out[f"acc_{m}"] = float(np.mean([last_number(a) == r["answer"] for a, r in zip(answers, rows)]))
+        out[f"acc_{m}"] = float(np.mean(rule(answers, [r["answer"] for r in rows])))
     if "acc_text" in out and "acc_audio" in out:
         out["gap"] = out["acc_text"] - out["acc_audio"]
     return out
@@ -616,7 +604,7 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
         losses.append((ce.item(), ctc.item(), emb.item()))
         every = max(1, eval_every // 2) if near[0] else eval_every
         if (step + 1) % every == 0 or step + 1 == max_steps:
-            acc = evaluate(model, processor, dev_manifest, n=n_dev, modalities=("audio",))["acc_audio"]
+            acc = accuracy(model, processor, dev_manifest, n=n_dev, modalities=("audio",))["acc_audio"]
             curve.append((step + 1, acc))
             m = np.mean(losses[-eval_every:], axis=0)
             tqdm.write(f"stage 2 step {step + 1}: ce {m[0]:.3f} ctc {m[1]:.3f} emb {m[2]:.3f} dev audio acc {acc:.3f}")
@@ -723,7 +711,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         t0 = time.time()
         losses = train_text(model, processor, train_rows, text_steps, batch_size, text_lr, seed,     # stage 1
                             slots=slots, pseudo_audio_share=pseudo_audio_share)
-        acc = evaluate(model, processor, dev_m, modalities=("text",))["acc_text"]
+        acc = accuracy(model, processor, dev_m, modalities=("text",))["acc_text"]
         times["stage1_s"] = time.time() - t0
         s1 = dict(settings=s1_settings, dev_acc_text=acc, ctc_loss=float(np.mean(ctc[-50:])),
                   text_loss=float(np.mean(losses[-50:])), seconds=times["stage0_s"] + times["stage1_s"])
@@ -741,7 +729,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
                      ce_weight=ce_weight, target_audio=target_audio, eval_every=eval_every, seed=seed)
     times["stage2_s"] = time.time() - t0
     t0 = time.time()
-    ev = evaluate(model, processor, eval_m, n=n_stats)
+    ev = accuracy(model, processor, eval_m, n=n_stats)
     times["eval_s"] = time.time() - t0
     stats = dict(settings=settings, **ev, stage1=s1, stage2={k: v for k, v in s2.items() if k != "loss"},
                  params=sum(p.numel() for p in model.parameters()), times=times,

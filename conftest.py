@@ -1,0 +1,88 @@
+"""Shared fixtures of the test suite (all CPU): real TTS speech, tiny models of the real architectures built here.
+
+The suite, one file per module (STYLE.md): test_cord.py (loss math against slow loops and hand tables,
+the whole method on tiny Qwen2-Audio / Qwen2.5-Omni thinker), test_kernels.py, test_plumbing.py
+(checkpoints, resume, torchrun, SIGKILL), test_judge.py, test_data_gen.py, test_tiny_lalm.py,
+test_demo.py; the docstring examples run too (`--doctest-modules`). Helpers that several files use
+are imported from here (`from conftest import QUESTIONS, rand_case, run_main`).
+"""
+import json
+
+import pytest
+import soundfile as sf
+import torch
+
+import cord
+import data_gen
+
+torch.set_num_threads(2)
+
+
+def rand_case(B=3, T=7, V=11, seed=0):  # student, teacher logits (B, T, V); mask (B, T) with lengths T, 3, 1
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(B, T, V, generator=g) * 2, torch.randn(B, T, V, generator=g) * 2
+    lengths = torch.tensor([T, 3, 1][:B])
+    mask = torch.arange(T)[None] < lengths[:, None]
+    return s, t, mask
+
+
+QUESTIONS = [("What is two plus three?", "5"), ("What is seven minus four?", "3"), ("What is six plus one?", "7"),
+             ("What is nine minus five?", "4"), ("What is eight plus two?", "10"), ("What is three plus three?", "6")]
+
+
+@pytest.fixture(scope="session")
+def speech_data(tmp_path_factory):
+    """A manifest of real TTS speech (hibari, installed from PyPI by CI)."""
+    root = tmp_path_factory.mktemp("speech")
+    (root / "wavs").mkdir()
+    rows = []
+    for i, (q, a) in enumerate(QUESTIONS):
+        audio, sr = data_gen.synthesize(q, "hibari")
+        sf.write(root / f"wavs/q{i}.wav", data_gen.to_16k(audio, sr), 16000, subtype="PCM_16")
+        rows.append({"id": f"q{i}", "audio": f"wavs/q{i}.wav", "text": q, "answer": a})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "manifest.jsonl"
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio_dir(tmp_path_factory):
+    from tiny_lalm import build_model, build_processor
+
+    corpus = [q for q, _ in QUESTIONS] * 10 + [f"The answer is {a}." for _, a in QUESTIONS] * 10
+    processor = build_processor(corpus, vocab_size=300)
+    model = build_model(processor, d_audio=32, audio_layers=1, d_text=64, text_layers=2, seed=0)
+    path = tmp_path_factory.mktemp("qwen2_audio")
+    model.save_pretrained(path), processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def omni_dir(tmp_path_factory, qwen2_audio_dir):
+    """A tiny Qwen2.5-Omni thinker, saved with tokenizer + feature extractor (no processor: torchvision)."""
+    from transformers import AutoFeatureExtractor, AutoTokenizer, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
+    fe = AutoFeatureExtractor.from_pretrained(qwen2_audio_dir)
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=fe.feature_size, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, output_dim=64, n_window=50, max_source_positions=fe.nb_max_frames // 2),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "default", "mrope_section": [2, 3, 3]}),
+        audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
+        audio_start_token_id=tok.convert_tokens_to_ids("<|audio_bos|>"),
+        audio_end_token_id=tok.convert_tokens_to_ids("<|audio_eos|>"),
+        vision_start_token_id=tok.pad_token_id, vision_end_token_id=tok.pad_token_id,  # unused: no images
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    path = tmp_path_factory.mktemp("omni")
+    model.save_pretrained(path), tok.save_pretrained(path), fe.save_pretrained(path)
+    return path
+
+
+def run_main(tmp_path, model_dir, manifest, *extra, steps=2):  # `python cord.py --model ...` in this process, 2 prompts x 2 rollouts
+    argv = ["--model", str(model_dir), "--data", str(manifest), "--output", str(tmp_path / "run"), "--steps", str(steps),
+            "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "6", "--lr", "1e-3", "--chunk_size", "4", *extra]
+    return cord.main(argv)

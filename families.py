@@ -1,0 +1,110 @@
+"""Loading audio LLMs for cord.py, one entry per model family (its class and its audio path), bundled as the LALM that cord.py's prompts and losses use.
+
+Any transformers audio LLM whose audio tokens are a run of one placeholder token in the prompt,
+filled with encoder outputs, fits: a family = its model class + one function that turns Whisper
+features (B, M, F) into those embeddings, flattened over the clips of the batch (README: adding a
+family). Standalone: never imports cord.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer, PretrainedConfig
+
+
+
+
+def qwen2_audio_encoder(tower, features, feature_mask):  # -> (B, F', C_audio), (B,) valid outputs per clip
+    """Qwen2-Audio's Whisper encoder (+ avg-pool) with the padding mask its own forward() builds."""
+    feat_len, n_out = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))  # (B,), (B,)
+    n_conv = (features.shape[-1] - 2) // 2 + 1  # frames after the stride-2 conv
+    pad = torch.arange(n_conv, device=features.device)[None] >= feat_len[:, None]  # (B, F/2)
+    mask = torch.zeros(pad.shape, dtype=tower.conv1.weight.dtype, device=features.device)
+    mask = mask.masked_fill(pad, float("-inf"))[:, None, None, :].expand(-1, 1, n_conv, -1)  # (B, 1, F/2, F/2)
+    return tower(features, attention_mask=mask).last_hidden_state, n_out  # (B, F', C_audio)
+
+
+def qwen2_audio_features(model, features, feature_mask):  # -> (audio tokens in the batch, C)
+    """Qwen2-Audio: Whisper encoder -> projector, valid frames only, as in its own forward()."""
+    h, n_out = qwen2_audio_encoder(model.audio_tower, features, feature_mask)
+    h = model.multi_modal_projector(h)  # (B, F', C)
+    return h[torch.arange(h.shape[1], device=h.device)[None] < n_out[:, None]]
+
+
+def qwen2_5_omni_features(model, features, feature_mask):  # -> (audio tokens in the batch, C)
+    """Qwen2.5-Omni thinker: its encoder already ends in the projection to the LM width."""
+    return model.get_audio_features(features, feature_attention_mask=feature_mask)
+
+
+def _omni_thinker_class():
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    return Qwen2_5OmniThinkerForConditionalGeneration
+
+
+def _qwen2_audio_class():
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    return Qwen2AudioForConditionalGeneration
+
+
+# config.model_type -> (model class, audio feature function). Add a family here (README).
+AUDIO_FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "qwen2_audio": (_qwen2_audio_class, qwen2_audio_features),
+    "qwen2_5_omni": (_omni_thinker_class, qwen2_5_omni_features),  # loads the thinker only
+    "qwen2_5_omni_thinker": (_omni_thinker_class, qwen2_5_omni_features),
+}
+
+
+@dataclass
+class LALM:
+    """The model plus everything needed to build its prompts."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    feature_extractor: object
+    chat_template: str
+    audio_features: Callable
+    audio_token_id: int
+    suppress_ids: list[int]  # audio special tokens: never sampled (a sampled placeholder breaks the next forward)
+    eos_ids: list[int]
+    processor: object = None
+
+    @property
+    def base(self):  # the transformers model under a PEFT wrapper, if any
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> LALM:
+    try:  # read model_type from config.json (AutoConfig does not know e.g. qwen2_5_omni_thinker)
+        model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+    except OSError as e:
+        raise SystemExit(f"--model {path}: cannot read its config.json ({e})") from None
+    if model_type not in AUDIO_FAMILIES:
+        raise SystemExit(
+            f"--model {path}: model type '{model_type}' has no audio adapter; supported: "
+            f"{', '.join(AUDIO_FAMILIES)}. Add one function to AUDIO_FAMILIES in families.py (README: adding a family)."
+        )
+    model_class, audio_features = AUDIO_FAMILIES[model_type]
+    model = model_class().from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:  # the processor holds the chat template for Qwen2-Audio; Omni's needs torchvision
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, OSError, ValueError, TypeError):
+        processor = None
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    if template is None:
+        raise SystemExit(f"--model {path}: no chat template in its processor or tokenizer; add chat_template.json")
+    audio_token_id = getattr(model.config, "audio_token_index", None) or getattr(model.config, "audio_token_id", None)
+    suppress = {audio_token_id} | {i for t, i in tokenizer.get_vocab().items() if "audio" in t.lower() and t.startswith("<")}
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return LALM(model, tokenizer, feature_extractor, template, audio_features, audio_token_id,
+                sorted(suppress), sorted(e for e in eos if e is not None), processor)

@@ -1,0 +1,335 @@
+"""Checkpoints, resume and torchrun/FSDP for cord.py's train(), kept out of the algorithm so that cord.py reads as the paper.
+
+Crash safety: a checkpoint is written into a temporary folder, flushed to disk and published by
+one atomic rename, with a `state.json` (written last) listing every file's size; resume picks the
+newest complete one and skips damaged ones with a message. Several processes (torchrun): every
+rank runs the same loop on its slice of the global batch; gradients are averaged with all_reduce
+(or reduce-scattered by FSDP2 with --fsdp); rank 0 alone logs and writes. In a plain
+`python cord.py` run rank = 0 and world = 1 and every `dist` branch here does nothing.
+
+Standalone: takes models, optimizers, paths and plain values (never cord's Args or LALM).
+"""
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and processes
+
+
+class Clock:
+    """Seconds per phase, summed over its repeats: `with clock("t_rollout"): ...`; clock.times -> dict."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = self._now()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + self._now() - t0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # count the GPU work launched inside the phase
+        return time.perf_counter()
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (LOCAL_RANK set): join the process group, one GPU per process. Returns the device."""
+    if "LOCAL_RANK" not in os.environ or torch.distributed.is_initialized():
+        return device
+    import atexit
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # a long timeout: the other ranks wait while rank 0 writes a checkpoint
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    atexit.register(torch.distributed.destroy_process_group)
+    return device
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) in one process."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in one process."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+
+def mean_over_ranks(metrics: dict) -> dict:
+    """Each metric averaged over ranks (what rank 0 logs); the dict itself in one process."""
+    ms = gather_objects(metrics)
+    if len(ms) == 1:
+        return metrics
+    return {k: float(np.mean([m[k] for m in ms if k in m])) for k in dict.fromkeys(k for m in ms for k in m)}
+
+
+def batch_at(n_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of step `step`: epoch-wise permutations fixed by the seed, so a resumed run sees the same batches.
+
+    Under torchrun this is the global batch (per-rank batch x world size); rank r takes slice r of it.
+    >>> batch_at(4, 0, 2, seed=0) + batch_at(4, 1, 2, seed=0) == batch_at(4, 0, 4, seed=0)
+    True
+    """
+    out, perms = [], {}
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(i, n_examples)
+        if epoch not in perms:  # one permutation per epoch touched, not one per index
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        out.append(int(perms[epoch][j]))
+    return out
+
+
+def all_reduce_grads(params: list) -> None:
+    """Average the gradients over ranks, as DDP does: the result is the global batch's gradient.
+
+    Not DDP(model): DDP reduces in autograd hooks that its wrapper's forward() arms, and cord.train_step
+    never calls model.forward (it calls the audio encoder and the decoder directly and uses the lm_head
+    weight inside kernels._FusedHead), so those hooks would never fire. Every loss is a mean over
+    sequences and every rank holds B of them, so the mean of the ranks' gradients equals the gradient
+    of one process on all B * world (exactly, except --grpo_reduction token, a mean over tokens).
+    """
+    world = torch.distributed.get_world_size()
+    for p in params:  # a parameter this rank did not use still joins the sum, with zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]  # sum; NCCL batches them
+    for p, h in zip(params, handles):
+        h.wait()
+        p.grad.div_(world)
+
+
+def sync_and_clip(params: list, max_norm: float, fsdp: bool) -> float:
+    """The global batch's gradient on every rank (all_reduce; FSDP did it in backward), clipped -> its norm."""
+    if rank_world()[1] > 1 and not fsdp:
+        all_reduce_grads(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a DTensor
+
+
+def shard_fsdp(model, decoder_layers) -> list:
+    """--fsdp: FSDP2, one unit per decoder layer plus the root (embeddings, lm_head, norm, audio encoder).
+
+    FSDP gathers a unit's parameters in hooks around its forward(). The decoder layers are always called
+    through forward(); the root's forward() never is: cord.train_step reaches the root's modules through
+    get_input_embeddings() / get_decoder() / get_output_embeddings() (and lm_head.weight inside
+    kernels._FusedHead). Registering those three getters as FSDP forward methods (the documented hook
+    for entry points other than forward) gathers the root's parameters before any of them is touched;
+    they stay gathered (FSDP never reshards its root after forward) until FSDP's end-of-backward
+    callback reduce-scatters their gradients and reshards them. Decoder layers are not resharded after
+    forward either (ZeRO-2 style): a rollout calls every layer once per generated token, and resharding
+    would all-gather each layer T times per step; gradients and AdamW states stay sharded. Returns the
+    trainable parameters, now DTensor shards.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if not torch.distributed.is_initialized():
+        raise SystemExit("--fsdp shards the model across processes: launch with torchrun (README: several GPUs)")
+    if hasattr(model, "disable_adapter"):
+        raise SystemExit("--fsdp is for full fine-tuning; with --train lora launch torchrun without --fsdp")
+    for layer in decoder_layers:
+        fully_shard(layer, reshard_after_forward=False)
+    fully_shard(model)
+    for name in ("get_input_embeddings", "get_decoder", "get_output_embeddings"):
+        register_fsdp_forward_method(model, name)
+    model.get_input_embeddings(), model.reshard()  # the first module FSDP sees run becomes its root
+    return [p for p in model.parameters() if p.requires_grad]  # sharded: FSDP swaps gathered ones in and out
+
+
+def fsdp_gather(model, opt=None) -> tuple[dict, Optional[dict]]:
+    """--fsdp: full weights (and optimizer state) on rank 0's CPU, empty elsewhere; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full) if opt else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: checkpoint-<step>/ = a save_pretrained folder + optimizer.pt + rng.pt + state.json
+
+
+def save_model_folder(model, folder: Path, parts: tuple, weights: Optional[dict] = None) -> None:
+    """An ordinary save_pretrained folder: the model plus `parts` (processor or tokenizer, feature extractor).
+
+    weights: a gathered FSDP state dict to write instead of the model's own.
+    """
+    model.save_pretrained(folder, safe_serialization=True, **({} if weights is None else {"state_dict": weights}))
+    for part in parts:
+        part.save_pretrained(folder)
+
+
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (files=True) and its list of entries to disk (POSIX)."""
+    for f in folder.rglob("*") if files else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Replace `final` by the complete folder `tmp` with one atomic rename (the only moment a reader sees a change)."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_tree(final.parent, files=False)
+
+
+def save_checkpoint(model, opt, step: int, output: str, parts: tuple, config: dict, fsdp: bool = False) -> Path:
+    """Write <output>/checkpoint-<step>: a crash never leaves half a checkpoint under that name.
+
+    Under torchrun every rank calls this (FSDP gathers its shards, each rank hands over its RNG state)
+    and rank 0 alone writes. `config` (the run's arguments) is stored in state.json.
+    """
+    rank, world = rank_world()
+    out = Path(output)
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+    dev = next(model.parameters()).device
+    rng = gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
+    weights, opt_state = fsdp_gather(model, opt) if fsdp else (None, opt.state_dict())  # dist: every rank takes part
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_folder(model, tmp, parts, weights)
+        torch.save(opt_state, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")  # list: rank r's state at index r
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world, "files": files, "args": config}, indent=1))
+        fsync_tree(tmp)  # on disk before the rename publishes it (a node crash, not only a killed process)
+        publish(tmp, final)
+    if world > 1:
+        torch.distributed.barrier()  # dist: no rank goes on before the checkpoint exists
+    return final
+
+
+def save_final(model, output: str, parts: tuple, fsdp: bool = False) -> Path:
+    """<output>/final: the trained model (LoRA adapters merged) as a plain save_pretrained folder."""
+    rank, world = rank_world()
+    final, tmp = Path(output) / "final", Path(output) / ".tmp-final"
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    weights = fsdp_gather(model)[0] if fsdp else None  # dist: every rank takes part
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_folder(merged, tmp, parts, weights)
+        publish(tmp, final)
+    if world > 1:
+        torch.distributed.barrier()  # dist: final/ exists when train() returns on any rank
+    return final
+
+
+def last_checkpoint(output: str) -> Optional[Path]:
+    """The newest complete checkpoint; incomplete or corrupted ones are reported and skipped.
+
+    Complete = state.json parses, names the folder's step, and every file it lists has its recorded size
+    (a truncated or missing file fails); .tmp-checkpoint-* folders (a write cut short) are never candidates.
+    """
+    for ckpt in sorted(Path(output).glob("checkpoint-*"), reverse=True):
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+            assert state["step"] == int(ckpt.name.split("-")[1]) and (ckpt / "optimizer.pt").is_file()
+            assert any(ckpt.glob("*.safetensors"))
+            bad = [f for f, size in state.get("files", {}).items() if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size]
+            assert not bad, f"{bad[0]} missing or of the wrong size"
+            return ckpt
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            print(f"skipping {ckpt}: incomplete or corrupted checkpoint ({type(e).__name__}: {e})", file=sys.stderr)
+    return None
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """A checkpoint's weights into the model (before FSDP shards it; load_training_state does the rest)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "disable_adapter"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    elif (ckpt / "model.safetensors").is_file():
+        missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise SystemExit(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    else:
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        load_sharded_checkpoint(model, ckpt, strict=False)
+
+
+def load_training_state(model, opt, ckpt: Path, fsdp: bool) -> int:
+    """The optimizer state and this rank's RNG state from a checkpoint -> its step."""
+    rank, world = rank_world()
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("world_size", 1) != world:  # the global batch and each rank's sampling stream depend on it
+        raise SystemExit(f"{ckpt} was written by {state.get('world_size', 1)} processes; resume it with as many (this run: {world})")
+    if state["args"].get("fsdp", False) != fsdp:  # the two optimizer-state layouts differ
+        raise SystemExit(f"{ckpt} was written with --fsdp {state['args'].get('fsdp', False)}; resume it with the same")
+    dev = next(model.parameters()).device
+    if fsdp:  # dist: rank 0 reads the full optimizer state and FSDP scatters each rank its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        full = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True) if rank == 0 else {}
+        set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=dev, weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)[rank]  # dist: each rank continues its own stream
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], dev)
+    return state["step"]
+
+
+def start_or_resume(model, params: list, make_optimizer: Callable, output: str, resume: bool, fsdp: bool,
+                    decoder_layers=()) -> tuple[list, torch.optim.Optimizer, int]:
+    """Weights, optimizer and RNG from the last checkpoint (--resume) or from scratch -> (params, opt, step).
+
+    dist: every rank resumes from the checkpoint rank 0 found; --fsdp shards the model after its weights
+    are loaded; without it every rank starts from rank 0's weights, as DDP does.
+    """
+    rank, world = rank_world()
+    Path(output).mkdir(parents=True, exist_ok=True)
+    ckpt = gather_objects(last_checkpoint(output) if resume and rank == 0 else None)[0]
+    if ckpt:
+        load_weights(model, ckpt)
+    if fsdp:
+        params = shard_fsdp(model, decoder_layers)  # dist: the parameters become this rank's shards
+    elif world > 1:
+        for p in params:
+            torch.distributed.broadcast(p.data, 0)
+    opt = make_optimizer(params)
+    start = load_training_state(model, opt, ckpt, fsdp) if ckpt else 0
+    if ckpt and rank == 0:
+        print(f"resumed from {ckpt} at step {start}")
+    return params, opt, start
+
+
+def open_metrics(output: str, start: int):
+    """metrics.jsonl for appending, holding the lines of steps 1..start (a resumed run drops later ones); None off rank 0."""
+    if rank_world()[0] != 0:
+        return None
+    path = Path(output) / "metrics.jsonl"
+    kept = path.read_text().splitlines(keepends=True)[:start] if start and path.is_file() else []
+    log = open(path, "w")
+    log.writelines(kept)
+    return log

@@ -1,0 +1,22 @@
+"""demo.py: `python cord.py` without --model, end to end on a drastically reduced tiny LALM, and --compare."""
+from dataclasses import replace
+
+import demo
+from cord import Args
+
+
+def test_demo_default_path_smoke(tmp_path):
+    """`python cord.py` with no --model: build the tiny LALM (drastically reduced), evaluate, train, evaluate."""
+    build = dict(cache_dir=tmp_path / "tiny", n_train=6, n_eval=4, n_dev=3, takes=1, voices=("hibari",), d_audio=32,
+                 audio_layers=1, d_text=32, text_layers=1, text_steps=3, audio_max_steps=2, eval_every=1,
+                 target_audio=1.1, batch_size=4, workers=1)
+    args = Args(output=str(tmp_path / "run"), steps=2, batch_size=2, group_size=2, max_new_tokens=6, save_every=1)
+    out = demo.demo(args, **build)
+    for key in ("acc_text", "acc_audio", "gap"):
+        assert key in out["before"] and key in out["after"]
+    assert "gap_reduction" in out["after"] or out["before"]["gap"] == 0
+    assert (tmp_path / "run/final/model.safetensors").is_file() and (tmp_path / "run/eval-final/summary.json").is_file()
+    args = replace(args, compare=True, compare_seeds=1, compare_objectives="opd,cord", eval_every=1, output=str(tmp_path / "cmp"))
+    res = demo.demo(args, **build)
+    assert set(res["runs"]) == {"opd-seed0", "cord-seed0"} and len(res["runs"]["cord-seed0"]) == 3  # step 0, 1, 2
+    assert (tmp_path / "cmp/results.md").is_file() and (tmp_path / "cmp/curves.png").stat().st_size > 1000

@@ -1,0 +1,186 @@
+"""plumbing.py: checkpoints and exact resume, damaged checkpoints skipped, torchrun (gloo on CPU) with and
+without FSDP equal to one process, SIGKILL at any moment. cord.py is launched as users launch it, in its own
+processes; a tiny launcher runs cord.main once per argument list (one process start for several runs:
+imports cost ~8 s per process here) and records each rank's pid.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cord
+import plumbing
+from conftest import run_main
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, speech_data, qwen2_audio_dir):
+    common = ("--objective", "cord", "--save_every", "1", "--seed", "3")
+    full = run_main(tmp_path / "a", qwen2_audio_dir, speech_data, *common, steps=3)
+    run_main(tmp_path / "b", qwen2_audio_dir, speech_data, *common, steps=1)
+    shutil_target = tmp_path / "b/run/checkpoint-000001"
+    assert (shutil_target / "model.safetensors").is_file() and not list((tmp_path / "b/run").glob(".tmp-*"))
+    resumed = run_main(tmp_path / "b", qwen2_audio_dir, speech_data, *common, "--resume", "true", steps=3)
+    a, b = cord.load_lalm(str(full)).model.state_dict(), cord.load_lalm(str(resumed)).model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    la = [json.loads(l)["loss"] for l in open(tmp_path / "a/run/metrics.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(tmp_path / "b/run/metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_corrupted_checkpoint_is_skipped(tmp_path, capsys):
+    good, bad = tmp_path / "checkpoint-000002", tmp_path / "checkpoint-000004"
+    for d in (good, bad):
+        d.mkdir()
+    (good / "state.json").write_text('{"step": 2}'), (good / "optimizer.pt").write_bytes(b"x"), (good / "model.safetensors").write_bytes(b"x")
+    (bad / "state.json").write_text('{"st')  # a partial write
+    assert plumbing.last_checkpoint(str(tmp_path)) == good
+    assert "checkpoint-000004" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun, gloo on CPU) and crash safety
+
+LAUNCHER = """import json, os, signal, sys
+from pathlib import Path
+import cord, plumbing
+Path(sys.argv[1], "pid" + os.environ.get("RANK", "0")).write_text(str(os.getpid()))
+kill_at = os.environ.get("KILL_BEFORE_PUBLISHING")  # die between a checkpoint's write and its rename
+if kill_at:
+    publish = plumbing.publish
+    def dying(tmp, final):
+        if final.name == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(tmp, final)
+    plumbing.publish = dying
+for argv in json.loads(sys.argv[2]):
+    cord.main(argv)
+"""
+
+
+def _argv(model_dir, manifest, output, *extra, steps=2, batch_size=2):
+    return ["--model", str(model_dir), "--data", str(manifest), "--output", str(output), "--steps", str(steps),
+            "--batch_size", str(batch_size), "--group_size", "2", "--max_new_tokens", "5", "--lr", "1e-3", "--chunk_size", "4", *extra]
+
+
+def _torchrun(tmp_path, runs, nproc=2, env=None, name="launch"):
+    """Start `torchrun --nproc_per_node nproc` on the launcher with the given cord.py argument lists."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher, pids = tmp_path / "launch.py", tmp_path / f"pids-{name}"
+    launcher.write_text(LAUNCHER), pids.mkdir()
+    root = Path(cord.__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(launcher), str(pids), json.dumps(runs)]
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), pids, tmp_path / f"{name}.log"
+
+
+def _kill_ranks(pids):  # SIGKILL every rank (torchrun starts each in its own session)
+    for pid in pids.iterdir():
+        try:
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _finish(proc, log, pids, ok=True):
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill_ranks(pids), proc.kill()
+        raise
+    assert (rc == 0) == ok, f"exit {rc}:\n{log.read_text()[-3000:]}"
+    return log.read_text()
+
+
+def _weights(run_dir):
+    return load_file(str(Path(run_dir) / "final/model.safetensors"))
+
+
+def _logged(run_dir, key="loss"):
+    return [json.loads(l)[key] for l in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_dist_two_processes_equal_one_process_on_the_global_batch(tmp_path, speech_data, qwen2_audio_dir):
+    """torchrun x 2 with B = 2 each (gradients all-reduced; and --fsdp: FSDP2 shards) == one process with B = 4.
+
+    Greedy rollouts make every row deterministic, so the two runs see the same rows: rank r takes prompts
+    2r, 2r+1 of each global batch of 4. Every loss is a per-sequence mean, so the mean of the ranks'
+    gradients is the single process's gradient.
+    """
+    greedy = ("--objective", "cord", "--reward_ref", "answer", "--temperature", "0", "--grpo_temperature", "0",
+              "--ref_temperature", "0", "--seed", "1")
+    proc, pids, log = _torchrun(tmp_path, [_argv(qwen2_audio_dir, speech_data, tmp_path / "ddp", *greedy),
+                                        _argv(qwen2_audio_dir, speech_data, tmp_path / "fsdp", *greedy, "--fsdp", "true")])
+    cord.main(_argv(qwen2_audio_dir, speech_data, tmp_path / "one", *greedy, batch_size=4))  # meanwhile, here
+    out = _finish(proc, log, pids)
+    assert "global batch: 4 prompts per step = 2 per process x 2 process(es)" in out
+    one, before = _weights(tmp_path / "one"), load_file(str(qwen2_audio_dir / "model.safetensors"))
+    assert max((one[k] - before[k]).abs().max().item() for k in before) > 1e-3  # the steps did move the weights
+    for run in ("ddp", "fsdp"):
+        w = _weights(tmp_path / run)  # fsdp: gathered into the plain save_pretrained layout
+        for k in one:
+            torch.testing.assert_close(w[k], one[k], atol=5e-5, rtol=0, msg=f"{run}: {k}")
+        assert _logged(tmp_path / run) == pytest.approx(_logged(tmp_path / "one"), rel=1e-3)  # rank 0 logs the mean, once
+        # the norm of the synchronised gradient: a sum over ranks (not a mean) would double it; AdamW alone would not tell
+        assert _logged(tmp_path / run, "grad_norm") == pytest.approx(_logged(tmp_path / "one", "grad_norm"), rel=1e-3)
+        ckpt = tmp_path / run / "checkpoint-000002"
+        assert len(torch.load(ckpt / "rng.pt", weights_only=True)) == 2  # one RNG state per rank
+    model = cord.load_lalm(str(tmp_path / "fsdp/checkpoint-000002")).model  # plain transformers loads the FSDP checkpoint
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+def _wait_for_lines(path, n, proc, log, timeout=240):
+    t0 = time.time()
+    while not (path.is_file() and len(path.read_text().splitlines()) >= n):
+        assert proc.poll() is None, f"ended before {n} steps:\n{log.read_text()[-3000:]}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def test_dist_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, speech_data, qwen2_audio_dir):
+    """Two FSDP ranks sampling at tau = 1 / 1.5, killed with SIGKILL (a) mid-step, (b) inside a checkpoint
+    write; a corrupted checkpoint is skipped; the resumed run ends on the uninterrupted run's weights
+    and losses, so optimizer shards and each rank's RNG stream came back exactly."""
+    run = tmp_path / "run"
+    argv = lambda out: _argv(qwen2_audio_dir, speech_data, out, "--fsdp", "true", "--save_every", "2", "--seed", "3", steps=4)
+    args = argv(run)
+    # (a) SIGKILL every rank as soon as step 3 is logged (checkpoint-000002 exists; step 4 is under way)
+    proc, pids, log = _torchrun(tmp_path, [args], name="a")
+    _wait_for_lines(run / "metrics.jsonl", 3, proc, log)
+    _kill_ranks(pids)
+    _finish(proc, log, pids, ok=False)
+    assert (run / "checkpoint-000002/state.json").is_file()
+    # (b) resume; rank 0 is killed (the launcher patches plumbing.publish) after writing checkpoint 4, before renaming it
+    proc, pids, log = _torchrun(tmp_path, [args + ["--resume", "true"]], env={"KILL_BEFORE_PUBLISHING": "checkpoint-000004"}, name="b")
+    assert "resumed from" in _finish(proc, log, pids, ok=False)
+    assert (run / ".tmp-checkpoint-000004/state.json").is_file() and not (run / "checkpoint-000004").exists()
+    # a newer checkpoint with a truncated weights file must be skipped, with its name in the message
+    bad = run / "checkpoint-000003"
+    shutil.copytree(run / "checkpoint-000002", bad)
+    state = json.loads((bad / "state.json").read_text())
+    (bad / "state.json").write_text(json.dumps({**state, "step": 3}))
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    # (c) resume to the end; then, in the same processes, the uninterrupted run
+    proc, pids, log = _torchrun(tmp_path, [args + ["--resume", "true"], argv(tmp_path / "ref")], name="c")
+    out = _finish(proc, log, pids)
+    assert "skipping" in out and "checkpoint-000003" in out and "model.safetensors" in out
+    assert f"resumed from {run / 'checkpoint-000002'} at step 2" in out  # lost at most --save_every steps
+    resumed, ref = _weights(run), _weights(tmp_path / "ref")
+    for k in ref:
+        torch.testing.assert_close(resumed[k], ref[k], atol=1e-6, rtol=0, msg=k)
+    assert _logged(run) == pytest.approx(_logged(tmp_path / "ref"), rel=1e-6)  # 4 lines: the killed steps' lines dropped
+    assert not list(run.glob(".tmp-*"))
