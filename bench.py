@@ -199,7 +199,7 @@ def step_bench(a) -> dict:
     args = cord.Args(model="bench", objective=a.objective, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                      batch_size=a.prompts, train="lora" if a.lora else "all", gradient_checkpointing=a.gradient_checkpointing,
                      chunk_size=a.chunk_size, reward_ref="answer")
-    params = cord.configure_trainable(lalm, args)
+    params = cord.configure_trainable(lalm, args.train, args.lora_r)
     if a.gradient_checkpointing:
         lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(params, lr=args.lr)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math  # noqa: F401 (the docstring examples)
 import random
 import sys
 import time
@@ -55,15 +54,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 import judge as judge_lib
 import kernels
 import plumbing
-from data_gen import load_audio, load_manifest
-from families import LALM, load_lalm
+from data_gen import check_durations, load_audio, load_manifest
+from families import LALM, audio_window_seconds, configure_trainable, load_lalm
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
+POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")  # value ranges, checked at parse time: these > 0, and MIN_VALUE's >=
+MIN_VALUE = dict(compare_seeds=1, eval_every=0, threads=0, lora_r=1, k=1, k_frac=0, beta=1, group_size=1, temperature=0,
+                 grpo_temperature=0, ref_temperature=0, max_new_tokens=1, weight_decay=0, batch_size=1, steps=1, chunk_size=1,
+                 save_every=1, save_total_limit=0, eval_limit=1, eval_batch_size=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +117,10 @@ class Args:
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
     chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (kernels.py); none = plain reference"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
+    drop_long_audio: bool = field(default=False, metadata={"help": "drop clips longer than the encoder's window (else: refuse)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an --output that holds a run (its checkpoints are deleted)"})
+    save_total_limit: int = field(default=3, metadata={"help": "keep the newest n checkpoints; 0 = all"})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first n items"})
     eval_batch_size: int = field(default=32, metadata={"help": "prompts per eval batch"})
     seed: int = field(default=0, metadata={"help": "run seed"})
@@ -134,13 +140,10 @@ def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> st
     return lalm.tokenizer.apply_chat_template(messages, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
 
 
-def _question(ex: dict) -> str:
-    choices = ex.get("choices")
-    if not choices:
-        return ex["text"]
-    if isinstance(choices, dict):
-        choices = [f"({k}) {v}" for k, v in choices.items()]
-    return ex["text"] + "\n" + "\n".join(choices)
+def _question(ex: dict) -> str:  # the transcript, then the options of a multiple-choice row, one per line
+    choices = ex.get("choices") or []
+    choices = [f"({k}) {v}" for k, v in choices.items()] if isinstance(choices, dict) else choices
+    return "\n".join([ex["text"], *choices])
 
 
 def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_prompt: Optional[str] = None) -> dict:
@@ -210,7 +213,7 @@ def completion_logits(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
 def token_reverse_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> D (B, T)
     """Eq. 2: D_t = KL(pi(.|x_a, y_<t) || sg pi(.|x_t, y_<t)), exact over V, fp32, 0 on padding.
 
-    >>> s = torch.tensor([[[0.0, 0.0]]]); t = torch.tensor([[[0.0, math.log(3)]]])
+    >>> s = torch.tensor([[[0.0, 0.0]]]); t = torch.tensor([[[1.0, 3.0]]]).log()
     >>> round(token_reverse_kl(s, t, torch.ones(1, 1, dtype=torch.bool)).item(), 4)  # 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
     0.1438
     """
@@ -341,21 +344,9 @@ def grpo_loss(logp, old_logp, advantages, mask, eps=0.2, group_size=None, reduct
 
 
 def make_judge(args: Args, lalm: LALM):
-    """J of Eq. 8 as (judge of two completions, judge of a completion vs a ground-truth answer).
-
-    rule (default): judge.RuleJudge; model: judge.ModelJudge asking --judge_model (a causal LM) or,
-    without one, the LALM's own text path, whether two answers agree (P(yes) from next-token logits).
-    """
-    if args.judge == "rule":
-        return judge_lib.RuleJudge(), judge_lib.RuleJudge(ground_truth=True)
-    if args.judge_model:
-        from transformers import AutoModelForCausalLM
-
-        lm = AutoModelForCausalLM.from_pretrained(args.judge_model, trust_remote_code=args.trust_remote_code)
-        mj = judge_lib.ModelJudge(lm.to(lalm.device), AutoTokenizer.from_pretrained(args.judge_model))
-    else:
-        mj = judge_lib.ModelJudge(lalm.base, lalm.tokenizer)  # the LALM's text path: no audio in the prompt
-    return mj, mj
+    """J of Eq. 8 (judge.py): rule (RuleJudge); model (ModelJudge: P(yes) that two answers agree), asking --judge_model
+    or, without one, the LALM's own text path (no audio in the prompt)."""
+    return judge_lib.make_judges(args.judge, lalm.base, lalm.tokenizer, args.judge_model, args.trust_remote_code, lalm.device)
 
 
 def rewards_for(judges, completions: list[str], refs: list, answers: list, mode: str) -> torch.Tensor:
@@ -467,20 +458,6 @@ def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq:
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-def configure_trainable(lalm: LALM, args: Args) -> list:
-    """--train all | llm | audio (encoder + projector) | lora (PEFT adapters on the LM)."""
-    if args.train == "lora":
-        from peft import LoraConfig, get_peft_model  # optional dependency
-
-        target = r"^(?!.*(audio_tower|visual)).*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-        lalm.model = get_peft_model(lalm.model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=target))
-    else:
-        for name, p in lalm.model.named_parameters():
-            is_audio = "audio_tower" in name or "multi_modal_projector" in name
-            p.requires_grad_({"all": "visual" not in name, "llm": not is_audio and "visual" not in name, "audio": is_audio}[args.train])
-    return [p for p in lalm.model.parameters() if p.requires_grad]
 
 
 class Teacher:
@@ -607,19 +584,18 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
     """
     rank, world = plumbing.rank_world()  # (0, 1) in one process
     B = args.batch_size  # per process
-    params = configure_trainable(lalm, args)
+    params = configure_trainable(lalm, args.train, args.lora_r)
     if args.gradient_checkpointing:
         lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = Teacher(lalm, args.teacher)  # before a checkpoint loads: a frozen teacher keeps the initial weights
     judge = make_judge(args, lalm) if args.objective in ("cord", "grpo", "opd+grpo") else None
     params, opt, start = plumbing.start_or_resume(
         lalm.model, params, lambda ps: torch.optim.AdamW(ps, lr=args.lr, weight_decay=args.weight_decay),
-        args.output, args.resume, args.fsdp, lalm.base.get_decoder().layers)
+        args.output, args.resume, args.fsdp, lalm.base.get_decoder().layers, B)
     if start == 0:
         torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
-    if rank == 0:
-        print(f"global batch: {B * world} prompts per step = {B} per process x {world} process(es)")
     log, parts = plumbing.open_metrics(args.output, start), (lalm.processor or lalm.tokenizer, lalm.feature_extractor)
+    guard = plumbing.NonFiniteGuard(max_in_a_row=3)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.objective, dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         t0, clock = time.perf_counter(), plumbing.Clock(lalm.device)
@@ -628,14 +604,15 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
         _, m = train_step(lalm, teacher, judge, [examples[i] for i in ids], args)
         with clock("t_optimizer"):
             m["grad_norm"] = plumbing.sync_and_clip(params, args.max_grad_norm, args.fsdp)
-            opt.step()
+            if guard.finite(m["loss"], m["grad_norm"], [examples[i]["id"] for i in ids]):  # a NaN step is never applied
+                opt.step()
         m = plumbing.mean_over_ranks({**m, **clock.times, "t_step": time.perf_counter() - t0})
         m["step"] = step + 1
         if log:
             log.write(json.dumps(m) + "\n"), log.flush()
             bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            plumbing.save_checkpoint(lalm.model, opt, step + 1, args.output, parts, asdict(args), args.fsdp)
+            plumbing.save_checkpoint(lalm.model, opt, step + 1, args.output, parts, asdict(args), args.fsdp, args.save_total_limit)
     return plumbing.save_final(lalm.model, args.output, parts, args.fsdp)
 
 
@@ -649,7 +626,7 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
     """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics (kl=True)."""
     rule = judge_lib.RuleJudge(ground_truth=True)
     lalm.model.eval()
-    items, D_pos, tok_kl = [], {}, {}
+    items, D_all, D_pos, tok_kl = [], [], {}, {}
     for i in tqdm(range(0, len(examples), args.eval_batch_size), desc="eval", dynamic_ncols=True):
         batch = examples[i:i + args.eval_batch_size]
         prompts = build_prompts(lalm, batch, args.instruction, args.system_prompt)
@@ -663,18 +640,19 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
             answer = None if ex.get("answer") is None else str(ex["answer"])
             score = (lambda c: bool(rule([c], [answer])[0])) if answer is not None else (lambda c: None)
             d = d[m].float().cpu()
+            D_all.append(d)
             for t, (v, tok) in enumerate(zip(d.tolist(), y[m].tolist())):
                 D_pos.setdefault(t, []).append(v)
                 tok_kl.setdefault(tok, []).append(v)
             items.append({"id": ex["id"], "answer": answer, "audio_completion": ca, "text_completion": ct,
                           "audio_correct": score(ca), "text_correct": score(ct), "kl_mean": d.mean().item() if len(d) else 0.0})
     scored = [it for it in items if it["answer"] is not None]
-    acc = lambda key: 100.0 * sum(bool(it[key]) for it in scored) / max(len(scored), 1)
+    acc = lambda key: 100.0 * sum(bool(it[key]) for it in scored) / len(scored) if scored else None  # None: "not scored"
     s = {"n": len(items), "n_scored": len(scored), "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
-    s["gap"] = s["acc_text"] - s["acc_audio"]
-    if baseline and baseline.get("gap"):
+    s["gap"] = s["acc_text"] - s["acc_audio"] if scored else None
+    if scored and baseline and baseline.get("gap"):
         s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
-    s.update(kl_statistics(D_pos, tok_kl, lalm.tokenizer))
+    s.update(kl_statistics(torch.cat(D_all) if D_all else torch.zeros(1), D_pos, tok_kl, lalm.tokenizer))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(out_dir) / "items.jsonl", "w") as f:
@@ -683,11 +661,10 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
     return s
 
 
-def kl_statistics(D_pos: dict, tok_kl: dict, tokenizer) -> dict:
-    """The paper's Fig. 3 analysis: quantiles of D_t, its mean by position and the position-KL correlation, top tokens."""
+def kl_statistics(D, D_pos: dict, tok_kl: dict, tokenizer) -> dict:
+    """The paper's Fig. 3 analysis of D_t (n tokens,): quantiles, mean by position and the position-KL correlation, top tokens."""
     pos = np.array([float(t) for t in sorted(D_pos) for _ in D_pos[t]])  # (n tokens,)
     val = np.array([v for t in sorted(D_pos) for v in D_pos[t]])  # (n tokens,)
-    D = torch.tensor(val, dtype=torch.float32) if len(val) else torch.zeros(1)
     s = {f"kl_p{q}": torch.quantile(D, q / 100).item() for q in (50, 80, 95)}
     s["kl_mean"] = D.mean().item()
     s["kl_by_position"] = [float(np.mean(D_pos[t])) for t in sorted(D_pos) if len(D_pos[t]) >= 5]
@@ -702,16 +679,24 @@ def kl_statistics(D_pos: dict, tok_kl: dict, tokenizer) -> dict:
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line; a bad flag or value stops here, in one line, before any model loads."""
+    """Args from the command line; a bad flag, value or pair of flags stops here, in one line, before any model loads."""
     parser = HfArgumentParser(Args)
     parser.error = lambda message: parser.exit(2, f"cord.py: error: {message} (python cord.py --help lists the flags)\n")
     try:
         (args,) = parser.parse_args_into_dataclasses(argv)
     except ValueError as e:  # flags that no field takes
         parser.error(str(e).replace("Some specified arguments are not used by the HfArgumentParser", "unknown flags"))
-    bad = [o for o in args.compare_objectives.split(",") if o not in OBJECTIVES]
-    if bad:
-        parser.error(f"argument --compare_objectives: invalid choice {bad[0]!r} (choose from {', '.join(OBJECTIVES)})")
+    value = lambda n: getattr(args, n)
+    problems = [(value(n) is not None and value(n) < lo, f"--{n}: {value(n)} is out of range (it must be >= {lo})") for n, lo in MIN_VALUE.items()]
+    problems += [(value(n) <= 0, f"--{n}: {value(n)} is out of range (it must be > 0)") for n in POSITIVE]
+    problems += [(args.objective in ("cord", "grpo", "opd+grpo") and args.group_size < 2, "--group_size: GRPO needs >= 2 rollouts per prompt (Eq. 9)"),
+                 (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
+                 (args.baseline and not Path(args.baseline).is_file(), f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
+                 (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+                 (any(o not in OBJECTIVES for o in args.compare_objectives.split(",")), f"--compare_objectives {args.compare_objectives}: choose from {', '.join(OBJECTIVES)}")]
+    for bad, message in problems:
+        if bad:
+            parser.error(f"argument {message}")
     return args
 
 
@@ -731,16 +716,20 @@ def main(argv=None):
         import demo  # the CPU demo and --compare live beside this file
 
         return demo.demo(args)
-    lalm = setup(args)
-    if args.eval:
-        base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-        data = load_manifest(args.data)[: args.eval_limit]
-        s = evaluate(lalm, data, args, args.output, base)
-        print(json.dumps({k: v for k, v in s.items() if not isinstance(v, list)}, indent=1))
-        return s
     if args.data is None:
         raise SystemExit("--data: give a training manifest (JSONL; see README) or use --eval")
-    final = train(lalm, load_manifest(args.data), args)
+    data = load_manifest(args.data)  # every check before the model loads (minutes for a 7B model); no clip is cut
+    data = check_durations(data, audio_window_seconds(args.model, args.trust_remote_code), args.drop_long_audio, args.data)
+    if args.eval:
+        plumbing.check_writable(args.output)
+        base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+        s = evaluate(setup(args), data[: args.eval_limit], args, args.output, base)
+        print(json.dumps({k: v for k, v in s.items() if not isinstance(v, list)}, indent=1))
+        if not s["n_scored"]:
+            print(f"not scored: no item of {args.data} has an 'answer' (acc and gap are null)")
+        return s
+    plumbing.prepare_output(args.output, args.resume, args.overwrite)
+    final = train(setup(args), data, args)
     print(f"saved {final}")
     return final
 

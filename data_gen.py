@@ -464,6 +464,24 @@ def _kokoro(text, name, speed, seed):
 BACKENDS = {"hibari": _hibari, "piper": _piper, "espeak": _espeak, "kokoro": _kokoro}
 
 
+def parse_voice(voice: str) -> tuple[str, str, float]:
+    """"backend[:voice[:speed]]" -> (backend, voice name, speed); ValueError naming what is wrong.
+
+    >>> parse_voice("hibari:heart:1.1"), parse_voice("espeak")
+    (('hibari', 'heart', 1.1), ('espeak', '', 160.0))
+    """
+    backend, name, speed = (voice.split(":") + ["", ""])[:3]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown TTS backend {backend!r} in voice {voice!r}; choose from {', '.join(BACKENDS)}")
+    try:
+        speed = float(speed) if speed else (160.0 if backend == "espeak" else 1.0)
+    except ValueError:
+        raise ValueError(f"speed {speed!r} in voice {voice!r} is not a number (backend:voice:speed, e.g. hibari:heart:1.1)") from None
+    if speed <= 0:
+        raise ValueError(f"speed {speed} in voice {voice!r} must be > 0")
+    return backend, name, speed
+
+
 def synthesize(text: str, voice: str = "hibari", seed=None) -> tuple[np.ndarray, int]:
     """Speak `text` with voice "backend[:voice[:speed]]" -> (float32 mono array, native sample rate).
 
@@ -472,10 +490,7 @@ def synthesize(text: str, voice: str = "hibari", seed=None) -> tuple[np.ndarray,
     >>> sr, audio.dtype
     (24000, dtype('float32'))
     """
-    backend, name, speed = (voice.split(":") + ["", ""])[:3]
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown TTS backend {backend!r} in voice {voice!r}; choose from {', '.join(BACKENDS)}")
-    speed = float(speed) if speed else (160.0 if backend == "espeak" else 1.0)
+    backend, name, speed = parse_voice(voice)
     audio, sr = BACKENDS[backend](text, name, speed, seed)
     audio = np.asarray(audio, np.float32)
     return (audio.mean(axis=1) if audio.ndim == 2 else audio), int(sr)
@@ -521,9 +536,10 @@ def pick_voice(ex_id: str, voices, seed: int = 0) -> str:
     return random.Random(f"{seed}:{ex_id}").choice(list(voices))
 
 
-def check_audio(audio: np.ndarray, sr: int, text: str) -> np.ndarray:
+def check_audio(audio: np.ndarray, sr: int, text: str, max_seconds: float = float("inf")) -> np.ndarray:
     """Resample to 16 kHz and check; ValueError(reason) if silent, clipped (flat runs at full scale in the
-    engine's output) or implausibly short/long for `text`. Peaks above 0.9 are scaled down to 0.9."""
+    engine's output), implausibly short/long for `text`, or longer than max_seconds (an audio encoder's
+    window: longer clips would be cut). Peaks above 0.9 are scaled down to 0.9."""
     x = np.asarray(audio, np.float32)
     if np.mean((np.abs(x[1:]) >= 0.99) & (x[1:] == x[:-1])) > 1e-3:
         raise ValueError("clipped")
@@ -535,18 +551,20 @@ def check_audio(audio: np.ndarray, sr: int, text: str) -> np.ndarray:
         raise ValueError("too_short")
     if dur > 1.5 * words + 5:
         raise ValueError("too_long")
+    if dur > max_seconds:
+        raise ValueError("over_max_seconds")
     return y * (0.9 / peak) if peak > 0.9 else y
 
 
 def _voice_one(task):
     """Worker: synthesize (or load `audio_src`), resample, check, write WAV atomically. Never raises."""
-    ex, voice, wav, seed = task
+    ex, voice, wav, seed, max_seconds = task
     try:
         if ex.get("audio_src"):
             audio, sr = sf.read(ex["audio_src"], dtype="float32")
         else:
             audio, sr = synthesize(ex["text"], voice, seed=zlib.crc32(f"{seed}:{ex['id']}".encode()))
-        y = check_audio(audio, sr, ex["text"])
+        y = check_audio(audio, sr, ex["text"], max_seconds)
         tmp = wav + ".part"
         sf.write(tmp, y, SR, subtype="PCM_16", format="WAV")
         os.replace(tmp, wav)                                  # atomic: a WAV exists only when complete
@@ -566,11 +584,12 @@ def wav_duration(path):
         return None
 
 
-def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed: int = 0) -> Path:
+def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed: int = 0, max_seconds: float = 30.0) -> Path:
     """Voice every example into out_dir/wavs/<id>.wav (16 kHz, 16-bit) and write out_dir/manifest.jsonl.
 
-    Resumable: existing valid WAVs are kept (their voice read back from the old manifest) and the
-    manifest is rebuilt from what exists, also on Ctrl-C. Returns the manifest path.
+    Clips longer than max_seconds (default: the 30 s window of Whisper-based encoders) are dropped and
+    counted ("over_max_seconds"). Resumable: existing valid WAVs are kept (their voice read back from the
+    old manifest) and the manifest is rebuilt from what exists, also on Ctrl-C. Returns the manifest path.
     """
     from tqdm import tqdm
     out, t0, cpu0 = Path(out_dir), time.time(), time.process_time()
@@ -593,24 +612,27 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
     for ex in examples:
         wav = out / "wavs" / f"{ex['id']}.wav"
         dur = wav_duration(wav)
+        dur = dur if dur and dur <= max_seconds else None
         voice = old.get(ex["id"], {}).get("voice") if dur else None
         voice = voice or ("source" if ex.get("audio_src") else pick_voice(ex["id"], voices, seed))
         if dur:
             done[ex["id"]] = (voice, dur)
         else:
-            todo.append((ex, voice, str(wav), seed))
-    skipped, voice_of = len(done), {t[0]["id"]: t[1] for t in todo}
-    for v in sorted({voice for ex, voice, _, _ in todo if not ex.get("audio_src")}):
+            todo.append((ex, voice, str(wav), seed, max_seconds))
+    skipped, voice_of, attempted = len(done), {t[0]["id"]: t[1] for t in todo}, 0
+    for v in sorted({voice for ex, voice, *_ in todo if not ex.get("audio_src")}):
         synthesize("Check.", v)             # fail fast with the install hint, not once per item in the workers
     pool, ok = None, False
     try:
         if workers > 1 and len(todo) > 1:
             import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(workers)      # spawn: no forked onnxruntime/torch threads
+            import signal                                     # workers ignore Ctrl-C: the parent stops them
+            pool = mp.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))  # spawn: no forked threads
             results = pool.imap_unordered(_voice_one, todo, chunksize=max(1, min(8, len(todo) // (8 * workers))))
         else:
             results = map(_voice_one, todo)
         for ex_id, dur, err in tqdm(results, total=len(todo), desc=f"voicing -> {out}", unit="clip"):
+            attempted += 1
             if err:
                 fails[err.split(":")[0]] += 1
                 tqdm.write(f"failed {ex_id}: {err}", file=sys.stderr)
@@ -637,7 +659,8 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
         made = len(done) - skipped
         hours_made = sum(done[i][1] for i in voice_of if i in done) / 3600
         print(f"{manifest}: {len(done)}/{len(examples)} clips ({made} new, {skipped} kept), "
-              f"{sum(d for _, d in done.values()) / 3600:.3f} h audio; {len(todo) - made} failed"
+              f"{sum(d for _, d in done.values()) / 3600:.3f} h audio; {attempted - made} failed"
+              + (f", {len(todo) - attempted} not voiced yet (interrupted: rerun to continue)" if attempted < len(todo) else "")
               + (f" {dict(fails)}" if fails else "")
               + (f"; {made / wall:.2f} clips/s, {hours_made / max(cpu / 3600, 1e-9):.1f} h audio per CPU-hour"
                  f" ({wall:.1f} s wall, {cpu:.1f} s CPU, {workers} workers)" if made else ""))
@@ -683,12 +706,33 @@ def load_manifest(path) -> list[dict]:
     return [dict(ex, audio_path=Path(path).parent / ex["audio"]) for ex in rows]
 
 
+def check_durations(rows: list[dict], max_seconds, drop: bool = False, where: str = "the manifest") -> list[dict]:
+    """No clip is silently cut: rows whose audio (read from the WAV header) is longer than max_seconds (the
+    model's audio window) stop the program with their count and the first offenders, or, with drop, are left
+    out with a count. max_seconds None: no limit."""
+    if max_seconds is None:
+        return rows
+    seconds = [sf.info(str(r["audio_path"])).duration for r in rows]
+    long = [(r["id"], d) for r, d in zip(rows, seconds) if d > max_seconds + 1e-3]
+    if long and not drop:
+        first = ", ".join(f"{i} ({d:.1f} s)" for i, d in long[:3])
+        raise SystemExit(f"{where}: {len(long)} of {len(rows)} clips are longer than the model's {max_seconds:g} s audio "
+                         f"window (first: {first}); the encoder would cut them while the teacher reads the whole "
+                         "transcript. Drop them with --drop_long_audio true, or regenerate (data_gen.py --max-seconds)")
+    if long:
+        print(f"{where}: dropped {len(long)} of {len(rows)} clips longer than {max_seconds:g} s (--drop_long_audio)")
+    return [r for r, d in zip(rows, seconds) if d <= max_seconds + 1e-3]
+
+
 def load_audio(path, sampling_rate: int = SR) -> np.ndarray:
     """A clip as mono float32 at `sampling_rate` (resampled to 16 kHz if it is not); unreadable = one line naming it."""
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types
         raise SystemExit(f"{path}: cannot read audio ({e}); check the manifest's 'audio' field") from None
+    if audio.size == 0 or not np.isfinite(audio).all():
+        raise SystemExit(f"{path}: the clip is {'empty' if audio.size == 0 else 'not finite (NaN or inf samples)'}; "
+                         "regenerate it or remove its line from the manifest")
     audio = audio.mean(1)  # mono
     if sr != sampling_rate:
         if sampling_rate != SR:
@@ -713,7 +757,15 @@ def main(argv=None):
     p.add_argument("--mcq", action="store_true", help="--source is VoiceBench-style multiple choice (see load_mcq)")
     p.add_argument("--split", default="train", help="split for hf: sources")
     p.add_argument("--max-words", type=int, default=120, help="drop problems whose spoken form is longer")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="drop clips longer than this (the encoder's window; Whisper: 30)")
     a = p.parse_args(argv)
+    if a.n is not None and a.n < 1:
+        p.error(f"argument --n: {a.n} problems would voice nothing; give --n >= 1 (or leave it out: all)")
+    for voice in a.tts.split(","):
+        try:
+            parse_voice(voice)
+        except ValueError as e:
+            p.error(f"argument --tts: {e}")
     try:
         dropped = Counter()
         if a.source == "builtin":
@@ -724,9 +776,11 @@ def main(argv=None):
             examples, dropped = load_problems(a.source, a.n, a.max_words, a.split)
         if dropped:
             print(f"kept {len(examples)} problems; dropped {sum(dropped.values())}: {dict(dropped)}")
-        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed)
+        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, a.max_seconds)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the clips voiced so far are kept in the manifest; rerun the same command to continue")
 
 
 if __name__ == "__main__":

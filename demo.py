@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+import plumbing
 from cord import Args, evaluate, load_manifest, setup, train
 
 
@@ -61,6 +62,7 @@ def demo(args: Args, **build):
     out = Path(args.output)
     if args.compare:
         return compare(args, examples, ev)
+    plumbing.prepare_output(args.output, args.resume, overwrite=not args.resume)  # the demo starts over unless --resume
     lalm = setup(args)
     base = evaluate(lalm, ev, args, str(out / "eval-base"))
     clock = time.time()

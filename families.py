@@ -108,3 +108,29 @@ def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=Fa
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return LALM(model, tokenizer, feature_extractor, template, audio_features, audio_token_id,
                 sorted(suppress), sorted(e for e in eos if e is not None), processor)
+
+
+def configure_trainable(lalm: LALM, train: str = "all", lora_r: int = 16) -> list:
+    """--train all | llm | audio (encoder + projector) | lora (PEFT adapters on the LM) -> the trainable parameters."""
+    if train == "lora":
+        from peft import LoraConfig, get_peft_model  # optional dependency
+
+        target = r"^(?!.*(audio_tower|visual)).*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+        lalm.model = get_peft_model(lalm.model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=target))
+    else:
+        for name, p in lalm.model.named_parameters():
+            is_audio = "audio_tower" in name or "multi_modal_projector" in name
+            p.requires_grad_({"all": "visual" not in name, "llm": not is_audio and "visual" not in name, "audio": is_audio}[train])
+    return [p for p in lalm.model.parameters() if p.requires_grad]
+
+
+def audio_window_seconds(path: str, trust_remote_code: bool = False):
+    """The longest clip the model's feature extractor keeps (Whisper: 30 s; longer audio is cut), or None."""
+    from transformers import AutoFeatureExtractor
+
+    try:
+        fe = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {path}: cannot read its feature extractor ({e})") from None
+    n = getattr(fe, "n_samples", None)
+    return n / fe.sampling_rate if n else None

@@ -315,6 +315,23 @@ class ModelJudge:
         return [float(s >= self.threshold) for s in self.scores(preds, refs)]
 
 
+def make_judges(kind="rule", lm=None, tokenizer=None, judge_model=None, trust_remote_code=False, device="cpu"):
+    """(judge of two completions, judge of a completion vs a ground-truth answer), as cord.py uses them.
+
+    kind "rule": RuleJudge and RuleJudge(ground_truth=True). kind "model": one ModelJudge for both,
+    asking `judge_model` (a causal LM, loaded here) or else `lm` with `tokenizer` (e.g. the LALM's text path).
+    """
+    if kind == "rule":
+        return RuleJudge(), RuleJudge(ground_truth=True)
+    if judge_model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(judge_model, trust_remote_code=trust_remote_code).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(judge_model, trust_remote_code=trust_remote_code)
+    mj = ModelJudge(lm, tokenizer)
+    return mj, mj
+
+
 # ---------------------------------------------------------------------------
 def main():
     p = argparse.ArgumentParser(description="Do two completions reach the same final answer? (CORD Eq. 8)")

@@ -12,6 +12,7 @@ Standalone: takes models, optimizers, paths and plain values (never cord's Args 
 import contextlib
 import datetime
 import json
+import math
 import os
 import shutil
 import sys
@@ -198,11 +199,12 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_tree(final.parent, files=False)
 
 
-def save_checkpoint(model, opt, step: int, output: str, parts: tuple, config: dict, fsdp: bool = False) -> Path:
+def save_checkpoint(model, opt, step: int, output: str, parts: tuple, config: dict, fsdp: bool = False, keep: int = 0) -> Path:
     """Write <output>/checkpoint-<step>: a crash never leaves half a checkpoint under that name.
 
     Under torchrun every rank calls this (FSDP gathers its shards, each rank hands over its RNG state)
-    and rank 0 alone writes. `config` (the run's arguments) is stored in state.json.
+    and rank 0 alone writes. `config` (the run's arguments) is stored in state.json. keep > 0: then
+    only the newest `keep` checkpoints stay (older ones go once the new one is complete).
     """
     rank, world = rank_world()
     out = Path(output)
@@ -219,6 +221,8 @@ def save_checkpoint(model, opt, step: int, output: str, parts: tuple, config: di
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world, "files": files, "args": config}, indent=1))
         fsync_tree(tmp)  # on disk before the rename publishes it (a node crash, not only a killed process)
         publish(tmp, final)
+        for old in sorted(out.glob("checkpoint-*"))[:-keep] if keep else []:  # --save_total_limit
+            shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         torch.distributed.barrier()  # dist: no rank goes on before the checkpoint exists
     return final
@@ -300,8 +304,61 @@ def load_training_state(model, opt, ckpt: Path, fsdp: bool) -> int:
     return state["step"]
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoint-*", ".tmp-checkpoint-*", "final", ".tmp-final")  # what train() writes
+
+
+def check_writable(output: str) -> Path:
+    """--output exists (made if needed) and takes files; else one line, before any model loads."""
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("ok"), (out / ".write-test").unlink()
+    except OSError as e:
+        raise SystemExit(f"--output {output}: cannot write there ({e.strerror}); choose another folder") from None
+    return out
+
+
+def prepare_output(output: str, resume: bool, overwrite: bool) -> None:
+    """Before the model loads: --output must be writable, and a run in it is never overwritten by accident.
+
+    A folder holding a run (metrics, checkpoints, final/) needs --resume true (continue; it must then hold a
+    complete checkpoint) or --overwrite true (that run's files are deleted first, nothing stale left).
+    """
+    out = check_writable(output)
+    found = sorted(f.name for pattern in RUN_FILES for f in out.glob(pattern))
+    if resume and last_checkpoint(output) is None:
+        raise SystemExit(f"--resume true: no complete checkpoint in {output}; check --output, or start without --resume")
+    if found and not resume and not overwrite:
+        raise SystemExit(f"--output {output} holds a run ({', '.join(found[:3])}); add --resume true to continue it "
+                         "or --overwrite true to start over")
+    if found and overwrite and int(os.environ.get("RANK", 0)) == 0:  # dist: rank 0 alone deletes
+        for name in found:
+            (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+
+
+class NonFiniteGuard:
+    """A step whose loss or gradient is not finite is skipped (never applied, so never saved), with a warning
+    naming its examples; `max_in_a_row` such steps in a row stop the run. Decides on the gradient norm after
+    the all-reduce, so every rank decides alike."""
+
+    def __init__(self, max_in_a_row: int = 3):
+        self.max_in_a_row, self.in_a_row = max_in_a_row, 0
+
+    def finite(self, loss: float, grad_norm: float, ids: list) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        print(f"warning: skipped a step with a non-finite loss ({loss}) or gradient norm ({grad_norm}); examples: "
+              f"{', '.join(map(str, ids[:8]))}", file=sys.stderr)
+        if self.in_a_row >= self.max_in_a_row:
+            raise SystemExit(f"{self.in_a_row} steps in a row had a non-finite loss or gradient: stopping (last examples: "
+                             f"{', '.join(map(str, ids[:8]))}); check those clips, or lower --lr")
+        return False
+
+
 def start_or_resume(model, params: list, make_optimizer: Callable, output: str, resume: bool, fsdp: bool,
-                    decoder_layers=()) -> tuple[list, torch.optim.Optimizer, int]:
+                    decoder_layers=(), batch_size: int = 1) -> tuple[list, torch.optim.Optimizer, int]:
     """Weights, optimizer and RNG from the last checkpoint (--resume) or from scratch -> (params, opt, step).
 
     dist: every rank resumes from the checkpoint rank 0 found; --fsdp shards the model after its weights
@@ -321,6 +378,8 @@ def start_or_resume(model, params: list, make_optimizer: Callable, output: str, 
     start = load_training_state(model, opt, ckpt, fsdp) if ckpt else 0
     if ckpt and rank == 0:
         print(f"resumed from {ckpt} at step {start}")
+    if rank == 0:
+        print(f"global batch: {batch_size * world} prompts per step = {batch_size} per process x {world} process(es)")
     return params, opt, start
 
 

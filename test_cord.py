@@ -15,7 +15,9 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import cord
@@ -343,7 +345,7 @@ def test_cord_steps_pull_the_audio_path_towards_the_text_teacher(speech_data, qw
     torch.manual_seed(0)
     args = Args(model=str(qwen2_audio_dir), train="audio", lr=1e-3, batch_size=4, max_new_tokens=8, k=3, chunk_size=4)
     lalm = cord.load_lalm(args.model)
-    params = cord.configure_trainable(lalm, args)
+    params = cord.configure_trainable(lalm, args.train, args.lora_r)
     opt = torch.optim.AdamW(params, lr=args.lr)
     first = {}
     real_sample = cord.sample
@@ -412,3 +414,264 @@ def test_every_function_in_the_readme_paper_table_exists():
         for part in name.split("."):
             assert hasattr(obj, part), f"README names {module}.py:{name}, which does not exist"
             obj = getattr(obj, part)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--batch_size", "0"], "--batch_size"), (["--lr", "-1"], "--lr"), (["--max_new_tokens", "0"], "--max_new_tokens"),
+    (["--save_every", "0"], "--save_every"), (["--objective", "grpo", "--group_size", "1"], "--group_size"),
+    (["--eval", "true"], "--eval"), (["--baseline", "/no/such/summary.json"], "--baseline"),
+    (["--resume", "true", "--overwrite", "true"], "--resume"),
+])
+def test_bad_values_and_pairs_are_one_line_before_any_model_loads(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cord.main(["--model", "/no/such/model", *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_eval_without_answers_says_not_scored(tmp_path, speech_data, qwen2_audio_dir, capsys):
+    rows = [dict(json.loads(line), audio=str(speech_data.parent / json.loads(line)["audio"])) for line in open(speech_data)]
+    manifest = tmp_path / "no_answers.jsonl"
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) + "\n" for r in rows[:2]))
+    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(manifest), "--output", str(tmp_path / "ev"),
+                   "--max_new_tokens", "4"])
+    assert s["n_scored"] == 0 and s["acc_text"] is None and s["acc_audio"] is None and s["gap"] is None
+    assert "not scored" in capsys.readouterr().out
+
+
+def test_audio_longer_than_the_encoder_window_is_refused_before_the_model_loads(tmp_path, qwen2_audio_dir, monkeypatch):
+    sf.write(tmp_path / "long.wav", (0.1 * np.random.default_rng(0).standard_normal(16000 * 5)).astype(np.float32), 16000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "long", "audio": "long.wav", "text": "a long question", "answer": "1"}) + "\n")
+    monkeypatch.setattr(cord, "setup", lambda args: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit, match="1 of 1 clips are longer than the model's 4 s audio window"):
+        cord.main(["--model", str(qwen2_audio_dir), "--data", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "run")])
+
+
+# ----------------------------------------------------------------------------------------------
+# The wiring of one training step: which rows meet which references, teacher, advantages, L = L_tok + lambda L_seq
+#
+# B = 4 prompts (answers 5, 3, 7, 4) x G = 3 GRPO rollouts on the tiny Qwen2-Audio, with cord.sample replaced by
+# fixed rollouts whose text names the prompt and sample they came from, so every pairing can be checked by hand.
+
+B_W, G_W = 4, 3
+ANSWERS_W = [a for _, a in QUESTIONS[:B_W]]  # ground truth: 5, 3, 7, 4
+YHAT_W = ["5", "4", "7", "4"]  # what each prompt's text path answers (y_hat): prompt 1 reads it wrong
+GROUP_W = [["5", "3", "7"], ["3", "4", "4"], ["7", "7", "5"], ["4", "4", "4"]]  # the answers of each prompt's G rollouts
+
+
+def opd_text(b):  # the OPD rollout (tau) of prompt b
+    return f"p{b} opd: the answer is {ANSWERS_W[b]}."
+
+
+def group_text(b, j):  # GRPO rollout j (tau_grpo) of prompt b
+    return f"p{b} s{j}: the answer is {GROUP_W[b][j]}."
+
+
+def yhat_text(b):  # y_hat ~ pi(.|x_t) of prompt b
+    return f"p{b} text: the answer is {YHAT_W[b]}."
+
+
+def fixed_sample(lalm):
+    """Stands in for cord.sample: sample j of prompt b is fixed text naming b (and j), right-padded, EOS included."""
+
+    def fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens):  # max_new_tokens ignored: fixed texts
+        B = prompt_embeds.shape[0]
+        if isinstance(temperature, list):  # x_a: one tau per sample, the OPD row at tau, the GRPO rows at tau_grpo
+            assert len(temperature) == n and set(temperature) <= {Args.temperature, Args.grpo_temperature}
+            texts = [opd_text(b) if tau == Args.temperature else group_text(b, temperature[:j].count(tau))
+                     for b in range(B) for j, tau in enumerate(temperature)]
+        else:  # x_t: the reference y_hat
+            texts = [yhat_text(b) for b in range(B) for _ in range(n)]
+        ids = [lalm.tokenizer(t, add_special_tokens=False)["input_ids"] + [lalm.eos_ids[0]] for t in texts]
+        T = max(map(len, ids))
+        y = torch.tensor([row + [lalm.tokenizer.pad_token_id] * (T - len(row)) for row in ids], device=lalm.device)
+        return y, torch.arange(T, device=lalm.device)[None] < torch.tensor([len(row) for row in ids], device=lalm.device)[:, None]
+
+    return fake
+
+
+def wired(model_dir, manifest, monkeypatch, **kw):  # -> lalm, trainable params, live teacher, B_W examples, args
+    args = Args(model=str(model_dir), batch_size=B_W, group_size=G_W, max_new_tokens=6, chunk_size=4, **kw)
+    torch.manual_seed(0)
+    lalm = cord.load_lalm(args.model)
+    params = cord.configure_trainable(lalm, args.train, args.lora_r)
+    monkeypatch.setattr(cord, "sample", fixed_sample(lalm))
+    examples = load_manifest(str(manifest))[:B_W]
+    assert [ex["answer"] for ex in examples] == ANSWERS_W
+    return lalm, params, cord.Teacher(lalm, "live"), examples, args
+
+
+def recording_judge(args, lalm, seen):  # the rule judges of make_judge, recording every (completion, reference) pair
+    judge_text, judge_gt = cord.make_judge(args, lalm)
+
+    def text(preds, refs):
+        seen.setdefault("text", []).extend(zip(preds, refs))
+        return judge_text(preds, refs)
+
+    def gt(preds, refs):
+        seen.setdefault("answer", []).extend(zip(preds, refs))
+        return judge_gt(preds, refs)
+
+    return text, gt
+
+
+@pytest.mark.parametrize("reward_ref", ["text", "answer", "both"])
+def test_each_rollout_is_judged_against_its_own_prompts_reference(reward_ref, speech_data, qwen2_audio_dir, monkeypatch):
+    """Row b*G + j of the group (rollout j of prompt b) meets prompt b's y_hat and prompt b's answer, never another's."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, reward_ref=reward_ref)
+    seen, rewards = {}, []
+    real_rewards_for = cord.rewards_for
+
+    def rewards_spy(*a):  # the rewards of Eq. 8 as train_step gets them
+        rewards.append(real_rewards_for(*a))
+        return rewards[-1]
+
+    monkeypatch.setattr(cord, "rewards_for", rewards_spy)
+    _, m = cord.train_step(lalm, teacher, recording_judge(args, lalm, seen), examples, args)
+    rows = [(b, j) for b in range(B_W) for j in range(G_W)]  # the group's row order: prompt-major
+    if reward_ref == "answer":
+        assert "text" not in seen  # no y_hat is sampled or judged
+    else:
+        assert seen["text"] == [(group_text(b, j), yhat_text(b)) for b, j in rows]
+    if reward_ref == "text":
+        assert "answer" not in seen
+    else:
+        assert seen["answer"] == [(group_text(b, j), ANSWERS_W[b]) for b, j in rows]
+    want = {  # per prompt, rollout answers GROUP_W vs y_hat YHAT_W (text), vs ANSWERS_W (answer), both must hold (both)
+        "text": [[1, 0, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1]],
+        "answer": [[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]],
+        "both": [[1, 0, 0], [0, 0, 0], [1, 1, 0], [1, 1, 1]],
+    }[reward_ref]
+    assert len(rewards) == 1 and rewards[0].tolist() == [float(r) for group in want for r in group]
+    assert m["reward_mean"] == pytest.approx(sum(map(sum, want)) / (B_W * G_W))
+
+
+@pytest.mark.parametrize("adv_scale", ["none", "std"])
+def test_advantages_are_taken_within_each_prompts_group_of_G_rows(adv_scale, speech_data, qwen2_audio_dir, monkeypatch):
+    """Eq. 9 per prompt: rewards (both) 100 | 000 | 110 | 111 -> A over rows b*G..b*G+G-1, and exactly these A reach Eq. 10."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, reward_ref="both", adv_scale=adv_scale)
+    seen = []
+    real_grpo_loss = cord.grpo_loss
+
+    def spy(logp, old_logp, A, mask, *a):
+        seen.append((A.clone(), mask.clone()))
+        return real_grpo_loss(logp, old_logp, A, mask, *a)
+
+    monkeypatch.setattr(cord, "grpo_loss", spy)
+    _, m = cord.train_step(lalm, teacher, cord.make_judge(args, lalm), examples, args)
+    (A, mask), = seen
+    # r - mean(r) within each group of 3: 1 0 0 -> 2/3 -1/3 -1/3; 0 0 0 and 1 1 1 -> 0; 1 1 0 -> 1/3 1/3 -2/3
+    want = torch.tensor([2, -1, -1, 0, 0, 0, 1, 1, -2, 0, 0, 0]) / 3
+    if adv_scale == "std":
+        want = want / (math.sqrt(1 / 3) + 1e-4)  # both non-constant groups have unbiased std sqrt(1/3); constant ones stay 0
+    torch.testing.assert_close(A, want)
+    lengths = [len(lalm.tokenizer(group_text(b, j), add_special_tokens=False)["input_ids"]) + 1 for b in range(B_W) for j in range(G_W)]
+    assert mask.sum(-1).tolist() == lengths  # the group rows, in the same order (+1: EOS)
+    assert m["zero_spread_frac"] == 0.5  # prompts 1 and 3
+
+
+@pytest.mark.parametrize("opd_rollout", ["separate", "group"])
+def test_teacher_rows_line_up_with_the_student_rows(opd_rollout, speech_data, qwen2_audio_dir, monkeypatch):
+    """Teacher row r reads the transcript of the example whose audio student row r hears, and scores the same completion."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, opd_rollout=opd_rollout)
+    x_a, teacher_calls, student_calls = [], [], []
+    real_embed, real_hidden, real_teacher = cord.embed_prompts, cord.completion_hidden, cord.Teacher.hidden
+
+    def embed_spy(lalm_, ids, features=None, feature_mask=None):
+        out = real_embed(lalm_, ids, features, feature_mask)
+        if features is not None:
+            x_a.append(out.detach().clone())  # the step's audio prompts (B, S_a, C)
+        return out
+
+    def hidden_spy(lalm_, prompt_embeds, prompt_mask, y, y_mask):
+        if torch.is_grad_enabled():  # the student forward (the teacher's runs under no_grad)
+            student_calls.append((prompt_embeds.detach().clone(), y.clone(), y_mask.clone()))
+        return real_hidden(lalm_, prompt_embeds, prompt_mask, y, y_mask)
+
+    def teacher_spy(self, text_ids, text_mask, y, y_mask):
+        teacher_calls.append((text_ids.clone(), text_mask.clone(), y.clone(), y_mask.clone()))
+        return real_teacher(self, text_ids, text_mask, y, y_mask)
+
+    monkeypatch.setattr(cord, "embed_prompts", embed_spy)
+    monkeypatch.setattr(cord, "completion_hidden", hidden_spy)
+    monkeypatch.setattr(cord.Teacher, "hidden", teacher_spy)
+    cord.train_step(lalm, teacher, cord.make_judge(args, lalm), examples, args)
+    (x_a,), ((t_ids, t_mask, t_y, t_m),), ((s_emb, s_y, s_m),) = x_a, teacher_calls, student_calls
+    assert all(not torch.equal(x_a[b], x_a[c]) for b in range(B_W) for c in range(b))  # the B audio prompts differ
+    group = [(b, group_text(b, j)) for b in range(B_W) for j in range(G_W)]
+    # the student's rows: the L_tok rows first (the OPD rows, or the group itself with --opd_rollout group), then the group
+    tok_rows = [(b, opd_text(b)) for b in range(B_W)] if opd_rollout == "separate" else group
+    student_rows = tok_rows + group if opd_rollout == "separate" else group
+    decode = lambda ids: lalm.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+    assert s_emb.shape[0] == len(student_rows)
+    for r, (b, text) in enumerate(student_rows):
+        assert torch.equal(s_emb[r], x_a[b]) and decode(s_y[r][s_m[r]]) == text  # row r hears prompt b, says its text
+    assert t_ids.shape[0] == len(tok_rows)
+    for r, (b, text) in enumerate(tok_rows):
+        prompt = decode(t_ids[r][t_mask[r].bool()])
+        assert [ex["text"] in prompt for ex in examples] == [c == b for c in range(B_W)], prompt  # prompt b's transcript only
+        assert lalm.audio_token_id not in t_ids[r].tolist()
+        assert torch.equal(t_y[r][t_m[r]], s_y[r][s_m[r]]) and decode(t_y[r][t_m[r]]) == text  # the same completion tokens
+
+
+def test_total_loss_gradient_is_L_tok_plus_lambda_L_seq(speech_data, qwen2_audio_dir, monkeypatch):
+    """The gradient train_step leaves in .grad is grad L_tok + lam grad L_seq (lam = 0.3), each term's gradient taken alone."""
+    lam = 0.3
+    lalm, params, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, lam=lam)
+    alone = {}
+    real_tok, real_seq = cord.weighted_token_loss, cord.grpo_loss
+
+    def grads_of(name, real):
+        def spy(*a, **kw):
+            out = real(*a, **kw)
+            g = torch.autograd.grad(out[0], params, retain_graph=True, allow_unused=True)
+            alone[name] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten() for gi, p in zip(g, params)])
+            return out
+        return spy
+
+    monkeypatch.setattr(cord, "weighted_token_loss", grads_of("tok", real_tok))
+    monkeypatch.setattr(cord, "grpo_loss", grads_of("seq", real_seq))
+    _, m = cord.train_step(lalm, teacher, cord.make_judge(args, lalm), examples, args)
+    total = torch.cat([p.grad.flatten() for p in params])
+    g_tok, g_seq = alone["tok"], alone["seq"]
+    assert g_seq.norm() > 0.1 * g_tok.norm() > 0  # both terms pull: a wrong weight shows in the sum
+    torch.testing.assert_close(total, g_tok + lam * g_seq, rtol=1e-4, atol=1e-6)
+    for wrong in (g_tok + g_seq, lam * g_tok + g_seq, g_tok + 2 * lam * g_seq):  # lam ignored, on L_tok, L_seq twice
+        assert (total - wrong).norm() > 100 * (total - (g_tok + lam * g_seq)).norm()
+    assert m["loss"] == pytest.approx(m["loss_tok"] + lam * m["loss_seq"], abs=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["cord", "opd", "grpo", "opd+grpo", "sft", "fkl"])
+def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_audio_dir, monkeypatch):
+    """L = 1 * L_tok + lam * L_seq with the terms the objective names; the token weights of Eq. 4-5 only for cord.
+
+    Each term returned by its loss function gets a probe p (value + p - p, so the value is unchanged): after the
+    backward of train_step, p.grad is the coefficient with which that term entered the total loss."""
+    lam, alpha, beta = 0.3, 3.0, 2.5
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective, lam=lam,
+                                             alpha=alpha, beta=beta, reward_ref="both")
+    probes, values, weights = {}, {}, []
+
+    def probed(name, real):
+        def spy(*a, **kw):
+            if name == "tok":
+                weights.append(a[3:5])  # (alpha, beta) as passed: weighted_token_loss(D, mask, k, alpha, beta, normalize)
+            out = real(*a, **kw)  # (loss, metrics); baseline_loss: the loss alone
+            loss = out[0] if isinstance(out, tuple) else out
+            assert name not in probes  # each term computed once per step
+            probes[name], values[name] = torch.zeros((), requires_grad=True), loss.item()
+            loss = loss + probes[name] - probes[name].detach()
+            return (loss, *out[1:]) if isinstance(out, tuple) else loss
+        return spy
+
+    for name, fn in (("tok", "weighted_token_loss"), ("seq", "grpo_loss"), ("baseline", "baseline_loss")):
+        monkeypatch.setattr(cord, fn, probed(name, getattr(cord, fn)))
+    judge = cord.make_judge(args, lalm) if objective in ("cord", "grpo", "opd+grpo") else None
+    _, m = cord.train_step(lalm, teacher, judge, examples, args)
+    want = {"cord": {"tok": 1.0, "seq": lam}, "opd": {"tok": 1.0}, "grpo": {"seq": lam}, "opd+grpo": {"tok": 1.0, "seq": lam},
+            "sft": {"baseline": 1.0}, "fkl": {"baseline": 1.0}}[objective]
+    assert {name: p.grad.item() for name, p in probes.items()} == pytest.approx(want)
+    if "tok" in want:  # Eq. 4-5 weights for cord, uniform (Eq. 3) for opd and opd+grpo
+        assert weights == [(alpha, beta) if objective == "cord" else (1.0, 1.0)]
+    assert m["loss"] == pytest.approx(sum(c * values[name] for name, c in want.items()), abs=1e-6)
+    assert ("loss_tok" in m, "loss_seq" in m, f"loss_{objective}" in m) == ("tok" in want, "seq" in want, "baseline" in want)

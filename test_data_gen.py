@@ -215,7 +215,7 @@ def test_datagen_manifest_round_trip_and_failures(tmp_path, capsys):
     assert "5/7 clips" in err.out and "2 failed" in err.out
 
 
-def test_datagen_resume_after_interruption(tmp_path, monkeypatch):
+def test_datagen_resume_after_interruption(tmp_path, monkeypatch, capsys):
     out, exs = tmp_path / "data", _examples(tmp_path)[:5]
     calls = []
 
@@ -229,6 +229,7 @@ def test_datagen_resume_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_manifest(exs, out, workers=1)
     assert [r["id"] for r in read_manifest(out / "manifest.jsonl")] == ["q0", "q1"]   # nothing written is lost
+    assert "0 failed, 3 not voiced yet (interrupted" in capsys.readouterr().out          # never-started clips are not "failed"
     monkeypatch.setattr(data_gen, "_voice_one", real)
     (out / "wavs" / "q3.wav.part").write_bytes(b"half a wav")                # a write cut off mid-file
     (out / "wavs" / "q4.wav").write_bytes(b"RIFF garbage")                   # an invalid wav
@@ -311,3 +312,49 @@ def test_bad_manifest_lines_name_the_file_and_line(tmp_path, line, message):
     with pytest.raises(SystemExit) as e:
         load_manifest(str(path))
     assert f"{path}:1:" in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("samples,what", [(np.zeros(0, dtype=np.float32), "empty"),
+                                          (np.array([0.1, np.nan, 0.2], dtype=np.float32), "not finite")])
+def test_empty_or_non_finite_audio_is_one_line_naming_the_file(tmp_path, samples, what):
+    path = tmp_path / "bad.wav"
+    sf.write(path, samples, 16000, subtype="FLOAT")
+    with pytest.raises(SystemExit, match=f"bad.wav: the clip is {what}"):
+        data_gen.load_audio(path)
+
+
+def test_datagen_n_zero_voices_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        data_gen_main(["--source", "builtin", "--n", "0", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--n" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_datagen_drops_clips_longer_than_max_seconds(tmp_path, capsys):
+    exs = _examples(tmp_path, n=4)[:4]                                        # clips of 1.0, 1.1, 1.2, 1.3 s
+    rows = read_manifest(write_manifest(exs, tmp_path / "data", workers=1, max_seconds=1.15))
+    assert [r["id"] for r in rows] == ["q0", "q1"] and max(r["duration"] for r in rows) <= 1.15
+    assert "2 failed {'over_max_seconds': 2}" in capsys.readouterr().out      # the drop is counted, by reason
+
+
+@pytest.mark.parametrize("voice,what", [("hibari:heart:fast", "not a number"), ("hibary", "unknown TTS backend")])
+def test_datagen_bad_voice_spec_names_tts(tmp_path, voice, what, capsys):
+    with pytest.raises(SystemExit) as e:
+        data_gen_main(["--source", "builtin", "--n", "2", "--tts", voice, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --tts" in err and what in err and not (tmp_path / "out").exists()
+
+
+def test_check_durations_refuses_or_drops_clips_longer_than_the_window(tmp_path):
+    rows = [{"id": f"q{i}", "audio_path": _speechy_wav(tmp_path / f"q{i}.wav", 1 + i / 10, sr=16000)} for i in range(4)]
+    with pytest.raises(SystemExit, match=r"m.jsonl: 2 of 4 clips are longer than the model's 1.15 s audio window \(first: q2 \(1.2 s\)"):
+        data_gen.check_durations(rows, 1.15, where="m.jsonl")
+    assert [r["id"] for r in data_gen.check_durations(rows, 1.15, drop=True)] == ["q0", "q1"]
+    assert data_gen.check_durations(rows, None) == rows  # a model without a fixed window
+
+
+def test_datagen_ctrl_c_is_one_line(tmp_path, monkeypatch):
+    def interrupted(*a, **kw):  # the user presses Ctrl-C while clips are being voiced
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data_gen, "write_manifest", interrupted)
+    with pytest.raises(SystemExit, match="^interrupted: the clips voiced so far are kept .* rerun the same command"):
+        data_gen_main(["--source", "builtin", "--n", "2", "--out", str(tmp_path / "out")])

@@ -184,3 +184,56 @@ def test_dist_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, s
         torch.testing.assert_close(resumed[k], ref[k], atol=1e-6, rtol=0, msg=k)
     assert _logged(run) == pytest.approx(_logged(tmp_path / "ref"), rel=1e-6)  # 4 lines: the killed steps' lines dropped
     assert not list(run.glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Never lose a run: the output folder, non-finite steps, checkpoint pruning
+
+
+def test_an_output_holding_a_run_is_never_overwritten_by_accident(tmp_path, speech_data, qwen2_audio_dir):
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", steps=1)
+    first = (tmp_path / "run/metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="holds a run .* --resume true .* --overwrite true"):
+        run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", steps=1)  # the same command again
+    assert (tmp_path / "run/metrics.jsonl").read_text() == first  # untouched
+    with pytest.raises(SystemExit, match="no complete checkpoint in .*typo"):  # --resume with a mistyped --output
+        cord.main(["--model", str(qwen2_audio_dir), "--data", str(speech_data), "--output", str(tmp_path / "typo"), "--resume", "true"])
+    (tmp_path / "run/notes.txt").write_text("mine")
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--overwrite", "true", "--save_every", "5", steps=2)
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["checkpoint-000002", "final", "metrics.jsonl", "notes.txt"]  # the old checkpoint-000001 is gone
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_prepare_output_unwritable_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="cannot write there"):
+        plumbing.prepare_output(str(tmp_path / "file" / "run"), resume=False, overwrite=False)
+
+
+def test_a_non_finite_step_is_never_applied_and_three_in_a_row_stop(tmp_path, speech_data, qwen2_audio_dir, monkeypatch, capsys):
+    real, calls = cord.weighted_token_loss, []
+
+    def poisoned(D, *a, **kw):  # step 1 (and with `always`, every step) gets a NaN loss
+        calls.append(1)
+        loss, m = real(D, *a, **kw)
+        return (loss * float("nan") if len(calls) == 1 or always else loss), m
+
+    always = False
+    monkeypatch.setattr(cord, "weighted_token_loss", poisoned)
+    final = run_main(tmp_path / "a", qwen2_audio_dir, speech_data, "--objective", "opd", "--save_every", "1", steps=2)
+    start = load_file(str(qwen2_audio_dir / "model.safetensors"))
+    after1, after2 = load_file(str(tmp_path / "a/run/checkpoint-000001/model.safetensors")), _weights(final.parent)
+    assert all(torch.equal(after1[k], start[k]) for k in start)  # the NaN step changed nothing, so nothing NaN was saved
+    assert any(not torch.equal(after2[k], start[k]) for k in start) and all(torch.isfinite(v).all() for v in after2.values())
+    err = capsys.readouterr().err
+    assert "skipped a step with a non-finite loss" in err and "examples: q" in err  # names the batch's ids
+    always = True
+    with pytest.raises(SystemExit, match="3 steps in a row"):
+        run_main(tmp_path / "b", qwen2_audio_dir, speech_data, "--objective", "opd", steps=5)
+    assert len((tmp_path / "b/run/metrics.jsonl").read_text().splitlines()) == 2  # stopped at the third skip
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, speech_data, qwen2_audio_dir):
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--save_every", "1", "--save_total_limit", "2", steps=3)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
