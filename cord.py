@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import random
 import sys
@@ -60,7 +61,7 @@ import judge as judge_lib
 import kernels
 import plumbing
 from data_gen import check_durations, load_audio, load_manifest
-from families import LALM, audio_window_seconds, configure_trainable, load_lalm
+from families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
 POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")  # value ranges, checked at parse time: these > 0, and MIN_VALUE's >=
@@ -156,7 +157,7 @@ def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_pro
     tok, fe = lalm.tokenizer, lalm.feature_extractor
     audio = [load_audio(ex["audio_path"], fe.sampling_rate) for ex in examples]
     feats = fe(audio, sampling_rate=fe.sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
-    _, n_audio = lalm.base.audio_tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))  # (B,)
+    _, n_audio = lalm.audio_tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))  # (B,)
     placeholder = tok.convert_ids_to_tokens(lalm.audio_token_id)
     audio_texts, text_texts = [], []
     for ex, n in zip(examples, n_audio.tolist()):
@@ -384,7 +385,8 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
     decoder, head = lalm.base.get_decoder(), lalm.base.get_output_embeddings()
     pos = _positions(prompt_mask)  # (B, S)
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # transformers 5.24 renamed it
+    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     cache.batch_repeat_interleave(n)  # share the prompt encoding across the n samples
     h = out.last_hidden_state[:, -1].repeat_interleave(n, 0)  # (B*n, C)
     mask = prompt_mask.repeat_interleave(n, 0)  # (B*n, S)
@@ -406,7 +408,7 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
         if done.all():
             break
         mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
-        h = decoder(input_ids=y[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+        h = decoder(input_ids=y[:, None], attention_mask=mask, position_ids=pos, **{cache_kw: cache},
                     use_cache=True).last_hidden_state[:, -1]
     return torch.stack(ys, 1), torch.stack(alive, 1)
 
@@ -586,7 +588,7 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
     B = args.batch_size  # per process
     params = configure_trainable(lalm, args.train, args.lora_r)
     if args.gradient_checkpointing:
-        lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(lalm.base)
     teacher = Teacher(lalm, args.teacher)  # before a checkpoint loads: a frozen teacher keeps the initial weights
     judge = make_judge(args, lalm) if args.objective in ("cord", "grpo", "opd+grpo") else None
     params, opt, start = plumbing.start_or_resume(

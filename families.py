@@ -14,6 +14,42 @@ import torch
 from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer, PretrainedConfig
 
 
+# ----------------------------------------------------------------------------------------------
+# transformers 4.57 and 5.x: the one place that knows where the parts of a model live
+
+
+def part(model, name: str):
+    """model.<name> (transformers 4.x), or model.model.<name> (5.x moved the audio tower, the projector
+    and the language model under .model)."""
+    return getattr(model, name) if hasattr(model, name) else getattr(model.model, name)
+
+
+def tie_if_configured(model) -> None:
+    """A config that says tie_word_embeddings gets lm_head = the input embeddings, on every version.
+
+    transformers 5.x no longer ties Qwen2-Audio's head by itself: a tied checkpoint (which stores no separate
+    head) would otherwise load with a randomly initialised lm_head, and no error.
+    """
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(text_config, "tie_word_embeddings", False) or head.weight is embeddings.weight:
+        return
+    head.weight = embeddings.weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embeddings.weight]  # both names now
+    head_name = next(n for n, m in model.named_modules() if m is head) + ".weight"
+    model._tied_weights_keys = {head_name: next(n for n in names if n != head_name)}  # save_pretrained stores it once
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (transformers 5.x renamed the method; 4.x has the old name)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ----------------------------------------------------------------------------------------------
+# Families
 
 
 def qwen2_audio_encoder(tower, features, feature_mask):  # -> (B, F', C_audio), (B,) valid outputs per clip
@@ -28,14 +64,15 @@ def qwen2_audio_encoder(tower, features, feature_mask):  # -> (B, F', C_audio), 
 
 def qwen2_audio_features(model, features, feature_mask):  # -> (audio tokens in the batch, C)
     """Qwen2-Audio: Whisper encoder -> projector, valid frames only, as in its own forward()."""
-    h, n_out = qwen2_audio_encoder(model.audio_tower, features, feature_mask)
-    h = model.multi_modal_projector(h)  # (B, F', C)
+    h, n_out = qwen2_audio_encoder(part(model, "audio_tower"), features, feature_mask)
+    h = part(model, "multi_modal_projector")(h)  # (B, F', C)
     return h[torch.arange(h.shape[1], device=h.device)[None] < n_out[:, None]]
 
 
 def qwen2_5_omni_features(model, features, feature_mask):  # -> (audio tokens in the batch, C)
     """Qwen2.5-Omni thinker: its encoder already ends in the projection to the LM width."""
-    return model.get_audio_features(features, feature_attention_mask=feature_mask)
+    out = model.get_audio_features(features, feature_attention_mask=feature_mask)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state  # 5.x returns an output object
 
 
 def _omni_thinker_class():
@@ -80,6 +117,10 @@ class LALM:
     def device(self):
         return next(self.model.parameters()).device
 
+    @property
+    def audio_tower(self):
+        return part(self.base, "audio_tower")
+
 
 def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=False) -> LALM:
     try:  # read model_type from config.json (AutoConfig does not know e.g. qwen2_5_omni_thinker)
@@ -93,6 +134,7 @@ def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=Fa
         )
     model_class, audio_features = AUDIO_FAMILIES[model_type]
     model = model_class().from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    tie_if_configured(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     feature_extractor = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:  # the processor holds the chat template for Qwen2-Audio; Omni's needs torchvision

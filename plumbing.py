@@ -134,8 +134,9 @@ def shard_fsdp(model, decoder_layers) -> list:
     FSDP gathers a unit's parameters in hooks around its forward(). The decoder layers are always called
     through forward(); the root's forward() never is: cord.train_step reaches the root's modules through
     get_input_embeddings() / get_decoder() / get_output_embeddings() (and lm_head.weight inside
-    kernels._FusedHead). Registering those three getters as FSDP forward methods (the documented hook
-    for entry points other than forward) gathers the root's parameters before any of them is touched;
+    kernels._FusedHead). Registering the first two getters as FSDP forward methods (the documented hook
+    for entry points other than forward) gathers the root's parameters before any of them is touched
+    (every step embeds its prompts before it reaches the head, and the root unit holds the head too);
     they stay gathered (FSDP never reshards its root after forward) until FSDP's end-of-backward
     callback reduce-scatters their gradients and reshards them. Decoder layers are not resharded after
     forward either (ZeRO-2 style): a rollout calls every layer once per generated token, and resharding
@@ -151,8 +152,8 @@ def shard_fsdp(model, decoder_layers) -> list:
     for layer in decoder_layers:
         fully_shard(layer, reshard_after_forward=False)
     fully_shard(model)
-    for name in ("get_input_embeddings", "get_decoder", "get_output_embeddings"):
-        register_fsdp_forward_method(model, name)
+    for name in ("get_input_embeddings", "get_decoder"):  # not get_output_embeddings: in 5.x it calls get_input_embeddings,
+        register_fsdp_forward_method(model, name)       # and nested hooks would reshard the root mid-call
     model.get_input_embeddings(), model.reshard()  # the first module FSDP sees run becomes its root
     return [p for p in model.parameters() if p.requires_grad]  # sharded: FSDP swaps gathered ones in and out
 
@@ -263,22 +264,24 @@ def last_checkpoint(output: str) -> Optional[Path]:
 
 
 def load_weights(model, ckpt: Path) -> None:
-    """A checkpoint's weights into the model (before FSDP shards it; load_training_state does the rest)."""
-    from safetensors.torch import load_file
+    """A checkpoint's weights into the model (before FSDP shards it; load_training_state does the rest).
 
+    Through transformers' own loading (it maps the parameter names, which transformers 5.x changed, and
+    reads sharded folders), into a copy on the CPU, then copied over; LoRA: the adapter alone.
+    """
     if hasattr(model, "disable_adapter"):
         from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    elif (ckpt / "model.safetensors").is_file():
-        missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if unexpected or set(missing) - tied:
-            raise SystemExit(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    else:
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, ckpt, strict=False)
+        return
+    saved = type(model).from_pretrained(ckpt, dtype=model.dtype)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied:  # as load_lalm ties it (families.tie_if_configured)
+        saved.get_output_embeddings().weight = saved.get_input_embeddings().weight
+    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def load_training_state(model, opt, ckpt: Path, fsdp: bool) -> int:

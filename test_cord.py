@@ -296,7 +296,7 @@ def test_lora_with_frozen_teacher_and_model_judge(tmp_path, speech_data, qwen2_a
     before = cord.load_lalm(str(qwen2_audio_dir)).model.state_dict()
     after = cord.load_lalm(str(final)).model.state_dict()  # adapters merged into the saved weights
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("language_model.model.layers" in k and "proj" in k for k in changed)
+    assert changed and all("language_model" in k and ".layers." in k and "proj" in k for k in changed)
     assert frozen_calls == [True] and judged == [4]  # B = 2 prompts x N = 2 rollouts
 
 
@@ -305,7 +305,7 @@ def test_omni_thinker_trains_all_parameters(tmp_path, speech_data, omni_dir):
     before = cord.load_lalm(str(omni_dir)).model.state_dict()
     after = cord.load_lalm(str(final)).model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("audio_tower") for k in changed)
+    assert changed and all("audio_tower" in k for k in changed)
 
 
 def test_one_audio_encoding_per_prompt_per_step(tmp_path, speech_data, qwen2_audio_dir, monkeypatch):
@@ -327,15 +327,6 @@ def test_eval_mode_writes_items_and_summary(tmp_path, speech_data, qwen2_audio_d
     assert {"acc_text", "acc_audio", "gap", "kl_p50", "kl_p80", "kl_p95", "kl_by_position", "top_kl_tokens"} <= set(s)
     items = [json.loads(l) for l in open(tmp_path / "items.jsonl")]
     assert len(items) == len(QUESTIONS) and json.loads((tmp_path / "summary.json").read_text())["n"] == len(QUESTIONS)
-
-
-def test_model_without_audio_support_gets_a_clear_error(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="no audio adapter"):
-        cord.load_lalm(str(tmp_path))
 
 
 def test_cord_steps_pull_the_audio_path_towards_the_text_teacher(speech_data, qwen2_audio_dir, monkeypatch):

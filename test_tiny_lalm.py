@@ -43,7 +43,7 @@ def test_tiny_forward_on_real_audio(tmp_path):
         a_emb, a_len = tiny_lalm.audio_embeddings(model, enc["input_features"], enc["feature_attention_mask"])
         assert (a_len == n_audio).all()
         emb = tiny_lalm._merge(model, enc["input_ids"], a_emb, a_len)
-        mine = model.language_model(inputs_embeds=emb, attention_mask=enc["attention_mask"]).logits
+        mine = tiny_lalm.text_lm(model)(inputs_embeds=emb, attention_mask=enc["attention_mask"]).logits
     m = enc["attention_mask"].bool()
     torch.testing.assert_close(mine[m], logits[m], rtol=1e-4, atol=1e-4)
 
@@ -64,7 +64,7 @@ def test_tiny_save_reload_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, model2(**enc2).logits)
     # tied embeddings stay tied after reloading
-    assert model2.language_model.lm_head.weight.data_ptr() == model2.get_input_embeddings().weight.data_ptr()
+    assert model2.get_output_embeddings().weight.data_ptr() == model2.get_input_embeddings().weight.data_ptr()
 
 
 def test_tiny_solution_and_split():

@@ -40,6 +40,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ from transformers import (
 
 from data_gen import SR, load_audio
 from judge import RuleJudge
-from families import qwen2_audio_encoder
+from families import part, qwen2_audio_encoder, tie_if_configured
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 INSTRUCTION = "Solve it."
@@ -230,6 +231,7 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
+    tie_if_configured(model)  # transformers 5.x does not tie Qwen2-Audio's head by itself
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
@@ -296,11 +298,28 @@ class AudioCache:
 def audio_embeddings(model, input_features, feature_attention_mask, return_hidden: bool = False):
     """Projected audio tokens (B, Ta, D) and their valid lengths (B,), through families.qwen2_audio_encoder (the
     encoder as the model's own forward runs it); with return_hidden also the encoder output (B, Ta, d_audio)."""
-    enc = model.audio_tower
+    enc, projector = part(model, "audio_tower"), part(model, "multi_modal_projector")
     h, out_len = qwen2_audio_encoder(enc, input_features.to(enc.conv1.weight.dtype), feature_attention_mask)  # (B, Ta, d_audio)
     if return_hidden:
-        return model.multi_modal_projector(h), out_len, h
-    return model.multi_modal_projector(h), out_len                                   # (B, Ta, D), (B,)
+        return projector(h), out_len, h
+    return projector(h), out_len                                                     # (B, Ta, D), (B,)
+
+
+class _TextLM(torch.nn.Module):
+    """transformers 5.x: the LALM's decoder and head, called as 4.x's `language_model` (a causal LM with logits)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
+
+    def forward(self, **kw):
+        return SimpleNamespace(logits=self.lm_head(self.decoder(**kw).last_hidden_state))
+
+
+def text_lm(model):
+    """The language model with its head (input_ids or inputs_embeds -> .logits), on transformers 4.x and 5.x."""
+    lm = part(model, "language_model")
+    return lm if hasattr(lm, "lm_head") else _TextLM(model)
 
 
 def _merge(model, input_ids, audio_emb, audio_len) -> torch.Tensor:
@@ -381,7 +400,7 @@ def train_text(model, processor, examples: list[dict], steps: int = 500, batch_s
     prompt with that slot: the LM learns to read its audio slot as words among <|AUDIO|> blanks, laid
     out as the CTC speech recogniser hears them, the interface that stage 2 aligns the encoder to.
     """
-    tok, lm = processor.tokenizer, model.language_model
+    tok, lm = processor.tokenizer, text_lm(model)
     rng, losses = random.Random(seed), []
     torch.manual_seed(seed)
     comp = [tok(solution(r) + tok.eos_token, add_special_tokens=False).input_ids for r in examples]
@@ -438,10 +457,11 @@ def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32,
     rng = random.Random(seed)
     torch.manual_seed(seed)
     blank = model.config.audio_token_id
-    params = list(model.audio_tower.parameters()) + list(head.parameters())
+    tower = part(model, "audio_tower")
+    params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = _schedule(opt, steps, warmup=50)
-    model.audio_tower.train()
+    tower.train()
     losses = []
     bar = tqdm(range(steps), desc="stage 0 (encoder CTC)", unit="step")
     for step in bar:
@@ -454,7 +474,7 @@ def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32,
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             bar.set_postfix(ctc=f"{np.mean(losses[-50:]):.3f}")
-    model.audio_tower.eval()
+    tower.eval()
     return losses
 
 
@@ -565,12 +585,13 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
     the first measurement >= target_audio, keeping whichever of the last two snapshots is closer to it.
     Returns {"steps", "dev_acc_audio", "curve": [(step, dev acc)], "loss": [[ce, ctc, emb] per step]}.
     """
-    tok, lm = processor.tokenizer, model.language_model
+    tok, lm = processor.tokenizer, text_lm(model)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     for p in lm.parameters():
         p.requires_grad_(False)
-    trained = list(model.audio_tower.parameters()) + list(model.multi_modal_projector.parameters())
+    tower, projector = part(model, "audio_tower"), part(model, "multi_modal_projector")
+    trained = list(tower.parameters()) + list(projector.parameters())
     blank = model.config.audio_token_id                                 # CTC blank = the audio filler token
     E = model.get_input_embeddings().weight.detach()                    # (V, D) frozen token embeddings
     opt = torch.optim.AdamW(trained + list(head.parameters()), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -579,10 +600,10 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
         opt, lambda s: min(1.0, (s + 1) / 50) * (fine_lr if near[0] else 1.0))
 
     def snapshot():
-        return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "language_model." not in k and not k.startswith("lm_head")}
 
     curve, losses, prev = [], [], None
-    model.audio_tower.train(), model.multi_modal_projector.train(), lm.eval()
+    tower.train(), projector.train(), lm.eval()
     bar = tqdm(range(max_steps), desc="stage 2 (audio alignment)", unit="step")
     for step in bar:
         idx = [rng.randrange(len(cache.rows)) for _ in range(batch_size)]
@@ -637,6 +658,7 @@ def _save(model, processor, path: Path, stats: dict, head=None):
 def _load(path: Path):
     from transformers import AutoProcessor
     model = Qwen2AudioForConditionalGeneration.from_pretrained(path)
+    tie_if_configured(model)
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
