@@ -141,18 +141,14 @@ def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> st
     return lalm.tokenizer.apply_chat_template(messages, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
 
 
-def _question(ex: dict) -> str:  # the transcript, then the options of a multiple-choice row, one per line
-    choices = ex.get("choices") or []
-    choices = [f"({k}) {v}" for k, v in choices.items()] if isinstance(choices, dict) else choices
-    return "\n".join([ex["text"], *choices])
-
-
 def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_prompt: Optional[str] = None) -> dict:
-    """x_a (audio + instruction) and x_t (transcript + the same instruction), same template.
+    """x_a = [audio] + prompt + instruction; x_t = transcript + the same prompt + instruction; one template.
 
-    Returns left-padded `audio_ids`/`audio_mask` (B, S_a) with the audio placeholder already
-    repeated once per encoder output, `features`/`feature_mask` (B, M, F)/(B, F), and
-    `text_ids`/`text_mask` (B, S_t).
+    A row's `text` is exactly what its audio says: the teacher reads it in place of hearing it, and none of
+    it enters x_a. Its optional `prompt` (e.g. MMAU's question and options) is shown in both. An audio-only
+    row (no `text`) gets x_t = prompt + instruction; its text answers are not scored. Returns left-padded
+    `audio_ids`/`audio_mask` (B, S_a) with the audio placeholder already repeated once per encoder output,
+    `features`/`feature_mask` (B, M, F)/(B, F), and `text_ids`/`text_mask` (B, S_t).
     """
     tok, fe = lalm.tokenizer, lalm.feature_extractor
     audio = [load_audio(ex["audio_path"], fe.sampling_rate) for ex in examples]
@@ -161,12 +157,12 @@ def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_pro
     placeholder = tok.convert_ids_to_tokens(lalm.audio_token_id)
     audio_texts, text_texts = [], []
     for ex, n in zip(examples, n_audio.tolist()):
-        choices = "\n".join(_question(ex).split("\n")[1:])  # options stay in text for both prompts
-        a = _render(lalm, [{"type": "audio", "audio": str(ex["audio_path"])}, {"type": "text", "text": (choices + "\n" if choices else "") + instruction}], system_prompt)
+        shown = "\n".join(filter(None, [ex.get("prompt"), instruction]))  # in both prompts
+        a = _render(lalm, [{"type": "audio", "audio": str(ex["audio_path"])}, {"type": "text", "text": shown}], system_prompt)
         if a.count(placeholder) != 1:
             raise SystemExit(f"the chat template must render one {placeholder} per audio (got {a.count(placeholder)})")
         audio_texts.append(a.replace(placeholder, placeholder * n))
-        text_texts.append(_render(lalm, [{"type": "text", "text": _question(ex) + "\n" + instruction}], system_prompt))
+        text_texts.append(_render(lalm, [{"type": "text", "text": "\n".join(filter(None, [ex.get("text"), shown]))}], system_prompt))
     enc = lambda texts: tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     a, t = enc(audio_texts), enc(text_texts)
     dev = lalm.device
@@ -646,11 +642,16 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
             for t, (v, tok) in enumerate(zip(d.tolist(), y[m].tolist())):
                 D_pos.setdefault(t, []).append(v)
                 tok_kl.setdefault(tok, []).append(v)
-            items.append({"id": ex["id"], "answer": answer, "audio_completion": ca, "text_completion": ct,
-                          "audio_correct": score(ca), "text_correct": score(ct), "kl_mean": d.mean().item() if len(d) else 0.0})
-    scored = [it for it in items if it["answer"] is not None]
-    acc = lambda key: 100.0 * sum(bool(it[key]) for it in scored) / len(scored) if scored else None  # None: "not scored"
-    s = {"n": len(items), "n_scored": len(scored), "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
+            items.append({"id": ex["id"], "answer": answer, "audio_completion": ca, "text_completion": ct, "audio_correct": score(ca),
+                          "text_correct": score(ct) if ex.get("text") else None, "kl_mean": d.mean().item() if len(d) else 0.0})
+
+    def acc(key):  # % right over the items scored on that side; None when there are none ("not scored")
+        verdicts = [it[key] for it in items if it[key] is not None]
+        return 100.0 * sum(verdicts) / len(verdicts) if verdicts else None
+
+    s = {"n": len(items), "n_scored": sum(it["answer"] is not None for it in items),
+         "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
+    scored = s["acc_text"] is not None and s["acc_audio"] is not None
     s["gap"] = s["acc_text"] - s["acc_audio"] if scored else None
     if scored and baseline and baseline.get("gap"):
         s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
@@ -730,6 +731,9 @@ def main(argv=None):
         if not s["n_scored"]:
             print(f"not scored: no item of {args.data} has an 'answer' (acc and gap are null)")
         return s
+    if any(not ex.get("text") for ex in data):  # no transcript, no teacher: nothing to distil
+        print(f"{args.data}: skipping {sum(not ex.get('text') for ex in data)} audio-only rows (no 'text') in training")
+        data = [ex for ex in data if ex.get("text")] or sys.exit(f"{args.data}: no row has a 'text' (a transcript) to train on")
     plumbing.prepare_output(args.output, args.resume, args.overwrite)
     final = train(setup(args), data, args)
     print(f"saved {final}")

@@ -7,8 +7,10 @@ cord.py reads, one JSON object per line:
     {"id": "add-s0-000003", "audio": "wavs/add-s0-000003.wav", "text": "What is forty-seven plus twenty-six?",
      "answer": "73", "voice": "hibari", "duration": 2.1, "source": "builtin:add"}
 
-`audio` is relative to the manifest's folder; `text` is exactly what the audio says (the teacher's prompt);
-`answer` and `choices` (a list of option texts, answer = letter) are optional.
+`audio` is relative to the manifest's folder; `text` is exactly what the audio says (the teacher reads it in place
+of the audio; a row without it is audio-only: evaluated on audio, skipped by training); `prompt` (optional) is
+text shown with the audio and after the transcript alike (e.g. MMAU's question and options); `answer` and
+`choices` (the option texts, for scoring: never shown; answer = a letter) are optional.
 
 Usage:
     python data_gen.py --source builtin --n 1000 --levels add1,add --tts hibari --out data/train
@@ -672,10 +674,10 @@ def read_manifest(path, check_files: bool = True) -> list[dict]:
     rows, seen, root = [], set(), Path(path).parent
     for no, row in read_jsonl(path):
         where = f"{path}:{no}:"
-        for k in ("id", "audio", "text"):
-            if not isinstance(row.get(k), str) or not row[k].strip():
-                raise ValueError(f"{where} field {k!r} missing or not a non-empty string; "
-                                 "every line needs id, audio, text")
+        for k in ("id", "audio", "text", "prompt"):  # text (what the audio says) and prompt (shown as text) are optional
+            if (k in ("id", "audio") or k in row) and (not isinstance(row.get(k), str) or not row[k].strip()):
+                raise ValueError(f"{where} field {k!r} missing or not a non-empty string; every line needs id and audio, "
+                                 "and text / prompt, when present, are non-empty strings")
         if "answer" in row and not isinstance(row["answer"], str):
             raise ValueError(f"{where} 'answer' must be a string (write \"73\", not 73)")
         if "choices" in row and not (isinstance(row["choices"], list) and all(isinstance(c, str) for c in row["choices"])):

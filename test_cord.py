@@ -219,6 +219,53 @@ def test_aligned_completion_logits_equal_per_prefix_forward(family, speech_data,
                 torch.testing.assert_close(t[b, i], lalm.model(input_ids=ids).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
+def row_kinds(speech_data):
+    """One row of each kind a manifest can hold, on real speech files (the audio content does not matter here)."""
+    wav = str(speech_data.parent / "wavs/q0.wav")
+    return [
+        {"id": "two-lines", "text": "Janet has 3 ducks.\nHow many eggs does she sell?", "answer": "3"},  # plain, multi-line
+        {"id": "mcq", "text": "Which is a court? A. A bank. B. A tribunal.", "choices": ["A bank", "A tribunal"], "answer": "B"},
+        {"id": "mmau", "prompt": "Which instrument plays? (A) piano (B) violin", "answer": "A"},  # audio-only
+        {"id": "both", "text": "Listen to the tune.", "prompt": "Is it fast? (A) yes (B) no", "answer": "B"},
+    ], wav
+
+
+def test_the_audio_prompt_never_holds_the_transcript_for_any_row_kind(speech_data, qwen2_audio_dir):
+    """x_a = audio + prompt + instruction, x_t = transcript + prompt + instruction: options spoken in the audio
+    (VoiceBench) are never shown as text beside it, and nothing is shown twice."""
+    lalm = cord.load_lalm(str(qwen2_audio_dir))
+    rows, wav = row_kinds(speech_data)
+    prompts = cord.build_prompts(lalm, [dict(r, audio_path=wav) for r in rows], "Answer.")
+    tok = lalm.tokenizer
+    for i, row in enumerate(rows):
+        x_a = tok.decode(prompts["audio_ids"][i][prompts["audio_mask"][i].bool()])
+        x_t = tok.decode(prompts["text_ids"][i][prompts["text_mask"][i].bool()])
+        for line in row.get("text", "").split("\n") + row.get("choices", []):
+            if line:
+                assert line not in x_a, (row["id"], line)  # nothing of what the audio says is shown beside it
+        if row.get("text"):
+            assert x_t.count(row["text"]) == 1 and all(x_t.count(c) == 1 for c in row.get("choices", []))
+        if row.get("prompt"):
+            assert x_a.count(row["prompt"]) == 1 and x_t.count(row["prompt"]) == 1  # shown in both
+        assert x_a.count("<|AUDIO|>") > 10 and "<|AUDIO|>" not in x_t
+        assert x_a.rstrip().endswith("Answer.<|im_end|>\n<|im_start|>assistant") and "Answer.<|im_end|>" in x_t
+
+
+def test_audio_only_rows_are_evaluated_on_audio_and_skipped_by_training(tmp_path, speech_data, qwen2_audio_dir, capsys):
+    rows, _ = row_kinds(speech_data)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(dict(r, audio=str(speech_data.parent / "wavs/q0.wav"))) + "\n" for r in rows))
+    only_audio = tmp_path / "audio_only.jsonl"
+    only_audio.write_text(manifest.read_text().splitlines()[2] + "\n")
+    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(only_audio), "--output", str(tmp_path / "ev"),
+                   "--max_new_tokens", "3"])
+    assert s["n_scored"] == 1 and s["acc_audio"] in (0.0, 100.0) and s["acc_text"] is None and s["gap"] is None
+    run_main(tmp_path, qwen2_audio_dir, manifest, "--objective", "opd", steps=1)
+    assert "skipping 1 audio-only rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no row has a 'text'"):
+        run_main(tmp_path / "b", qwen2_audio_dir, only_audio, "--objective", "opd", steps=1)
+
+
 def test_greedy_sampler_equals_generate_and_suppresses_audio_tokens(speech_data, qwen2_audio_dir):
     lalm, examples, P = lalm_and_batch(qwen2_audio_dir, speech_data)
     lalm.model.eval()
