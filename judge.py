@@ -21,7 +21,9 @@ Departures from the paper:
 import argparse
 import re
 import threading
+import unicodedata
 from decimal import Decimal
+from fractions import Fraction
 from functools import lru_cache
 
 import torch
@@ -36,7 +38,10 @@ TIMEOUT_S = 1  # math-verify's timeout per parse/verify (signal.alarm: whole sec
 # Extraction: completion -> final answer
 # ---------------------------------------------------------------------------
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_MARKER = re.compile(r"answer[\s*]*(?:is\b(?!')|:)[\s:*]*", re.I)  # "the (final) answer is", "**Answer:**"
+_MARKER = re.compile(r"(?:answer|option|choice)[\s*]*(?:is\b(?!')|:)[\s:*]*", re.I)  # "the answer is", "**Answer:**", "the correct option is"
+_EQUATION = re.compile(r"(?:^|[\s,;:(])[A-Za-z]\w{0,15}\s*=\s*([^=\n]+?)\s*$")  # "... so x = 3" at the very end
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")  # \text{(C)} -> (C)
+_VULGAR = re.compile(r"(?:(\d+)\s?)?([\u00bc-\u00be\u2150-\u215e])")  # 1½, ¾
 _CHOICE = re.compile(r"\b(?i:option|choice)\s*\(?([A-J])\b\)?|(?<!\w)\(([A-J])\)")  # "option B", "(B)"
 _CHOICE_START = re.compile(r"\s*\(?([A-J])[.):](?:\s|$)")  # "B. Paris ..." at the very start
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -50,8 +55,8 @@ _NUMBER_WORDS = re.compile(rf"\b(?:{_WORD})(?:(?:\s+and\s+|[\s-]+)(?:{_WORD}))*\
 
 
 def _clean(span):
-    """Trim markdown, `$`/`\\(` wrappers and a final full stop: '**$\\frac12$.**' -> '\\frac12'."""
-    s = span.strip().strip("*").strip()
+    """Trim markdown, `$`/`\\(` wrappers, \\text{} and a final full stop: '**$\\frac12$.**' -> '\\frac12'."""
+    s = _TEXT_WRAP.sub(r"\1", span).strip().strip("*").strip()
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip().strip("$").strip()
     return s[:-1].strip() if s.endswith(".") else s
 
@@ -78,6 +83,20 @@ def _after_marker(text):
         return None
     line = text[last.end() :].strip().split("\n")[0]
     return _clean(re.split(r"\.(?=\s|$)", line)[0])
+
+
+def _equation(text):
+    """A completion ending in an equation gives its right side: '2x = 6, so x = 3.' -> '3'."""
+    m = _EQUATION.search(re.sub(r"\.\s*$", "", text))
+    return _clean(m.group(1)) if m else None
+
+
+def _vulgar_fractions(text):
+    """Unicode fractions as a/b: '1½' -> '3/2', '¾' -> '3/4'."""
+    def as_fraction(m):
+        f = Fraction(unicodedata.numeric(m.group(2))).limit_denominator(16) + int(m.group(1) or 0)
+        return f"{f.numerator}/{f.denominator}"
+    return _VULGAR.sub(as_fraction, text)
 
 
 def _short(text):
@@ -113,8 +132,9 @@ def _last_number_words(text):
 
 def extract_answer(completion):
     """The final answer of a free-form completion, or None. Rules in order, first hit wins:
-    \\boxed{}, 'the answer is'/'Answer:', a short completion itself, a multiple-choice
-    letter, the last number, the last number in words.
+    \\boxed{}, 'the answer is'/'Answer:'/'the correct option is', a final equation's right side,
+    a short completion itself, a multiple-choice letter, the last number, the last number in words.
+    Unicode fractions are read as a/b ('1½' -> '3/2') and \\text{} wrappers dropped.
 
     >>> extract_answer("x = 2, so the answer is \\\\boxed{\\\\frac{1}{2}}.")
     '\\\\frac{1}{2}'
@@ -125,11 +145,11 @@ def extract_answer(completion):
     """
     if not isinstance(completion, str) or not completion.strip():
         return None
-    text = completion.strip()
-    for rule in (_boxed, _after_marker, _short, _choice, _last_number, _last_number_words):
+    text = _vulgar_fractions(completion.strip())
+    for rule in (_boxed, _after_marker, _equation, _short, _choice, _last_number, _last_number_words):
         answer = rule(text)
         if answer:
-            return answer.strip()
+            return _clean(answer) if rule is _boxed else answer.strip()
     return None
 
 

@@ -250,3 +250,22 @@ def test_judge_model_uses_the_chat_template(judge_lm):
     judge = ModelJudge(model, chat)
     assert judge.prompt("a", "b").startswith("user Two responses") and judge.prompt("a", "b").endswith("assistant :")
     assert len(judge(PREDS, REFS)) == len(PREDS)
+
+
+# Answer shapes of real completions (completion, ground-truth answer, same?): a final equation, a letter said in
+# words or wrapped in LaTeX, unicode fractions; each with a near miss that must stay a mismatch.
+SHAPES = [
+    ("First 2x = 6, so x = 3", "3", True), ("Solving, we get x = 3.", "3", True), ("so x = 3", "4", False),
+    ("Thus y=-4", "-4", True),
+    ("The correct option is A.", "A", True), ("The right choice is C", "C", True), ("The correct option is A.", "B", False),
+    ("The correct answer is (B).", "B", True), ("Answer: B) London", "B", True),
+    ("so \\boxed{\\text{(C)}}", "C", True), ("\\boxed{\\textbf{(D)}}", "D", True), ("\\boxed{\\text{B}}", "B", True),
+    ("\\boxed{\\text{(C)}}", "D", False),
+    ("She ate ½ of the pie.", "1/2", True), ("the answer is ¾", "0.75", True), ("It is 1½ hours", "1.5", True),
+    ("½", "0.25", False),
+]
+
+
+@pytest.mark.parametrize("completion,answer,expected", SHAPES)
+def test_judge_answer_shapes_of_real_completions(completion, answer, expected):
+    assert RuleJudge(ground_truth=True)([completion], [answer]) == [float(expected)]
