@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -315,7 +316,8 @@ def check_writable(output: str) -> Path:
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("ok"), (out / ".write-test").unlink()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):  # a unique name: every rank probes at once
+            pass
     except OSError as e:
         raise SystemExit(f"--output {output}: cannot write there ({e.strerror}); choose another folder") from None
     return out
