@@ -22,8 +22,12 @@ Departures from the paper (each switchable unless noted):
  4. Eq. 7 is normalised by sum_t w_t (`--normalize weights`) so alpha = beta = 1 is exactly Eq. 3;
     `--normalize length` divides by T instead.
  5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient.
-    Both the KL of Eq. 2 and the GRPO log-probs use temperature-1 logits from the training forward,
-    also for rollouts sampled at 1.5 (slightly off-policy; the paper does not say which it uses).
+    The paper does not say at which temperature. The GRPO log-probs use logits / tau_grpo, the policy
+    that sampled the rollouts (`--grpo_logp_temperature sampling`, as TRL and verl do): only then is
+    A_i grad log pi(y_i) the policy gradient of the distribution that produced y_i; at tau = 1 it
+    would push a different distribution than the one the rewards were measured on (`one` keeps that,
+    the behaviour before this option). The KL of Eq. 2 uses temperature-1 logits: the text teacher's
+    distribution itself is the target, whatever temperature drew the prefix.
  6. GRPO advantages divide by std + 1e-4 by default (`--adv_scale none`: Dr. GRPO / the paper's
     Eq. 9 as written).
  7. The OPD rollout (tau = 1.0) and the G GRPO rollouts (tau = 1.5) share one prefill per prompt
@@ -99,6 +103,7 @@ class Args:
     group_size: int = field(default=4, metadata={"help": "G (the paper's N): GRPO rollouts per audio prompt (Eq. 9)"})
     temperature: float = field(default=1.0, metadata={"help": "tau of the OPD rollout"})
     grpo_temperature: float = field(default=1.5, metadata={"help": "tau of the GRPO rollouts"})
+    grpo_logp_temperature: Literal["sampling", "one"] = field(default="sampling", metadata={"help": "Eq. 10's log pi at tau_grpo | at 1 (departure 5)"})
     ref_temperature: float = field(default=0.0, metadata={"help": "tau of y_hat ~ pi(.|x_t); 0 = greedy"})
     opd_rollout: Literal["separate", "group"] = field(default="separate", metadata={"help": "separate (paper) | group (token loss on the GRPO group)"})
     max_new_tokens: int = field(default=200, metadata={"help": "max completion length T"})
@@ -478,16 +483,15 @@ class Teacher:
         return h, lalm.base.get_output_embeddings().weight
 
 
-def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None):  # -> D (R, T) or None, log pi(y_t) (R, T)
-    """Eq. 2 against the teacher's hidden states h_t (when given) and log pi(y_t), from student hidden states (R, T, C).
-
-    With chunk_size (the default) the (R, T, V) logits never exist (kernels.py), else the reference functions.
+def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):  # -> D (R, T) or None, logp (R, T)
+    """Eq. 2 against the teacher's hidden states h_t (when given) and log pi(y_t) from logits / temperature, from
+    student hidden states (R, T, C). With chunk_size (the default) the (R, T, V) logits never exist (kernels.py).
     """
     head = lalm.base.get_output_embeddings()
-    if chunk_size is not None and head.bias is None:
-        D, logp = kernels.fused_kl_and_logprobs(h, h_t, head.weight, y, mask, chunk_size, W_t)
+    if chunk_size is not None and head.bias is None:  # logits / tau = (h / tau) W^T, exactly
+        D, logp = kernels.fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
         return (D if h_t is not None else None), logp
-    s = head(h)  # (R, T, V)
+    s = head(h) / temperature  # (R, T, V)
     D = token_reverse_kl(s, h_t @ W_t.T, mask, chunk_size) if h_t is not None else None
     return D, token_logprobs(s, y, chunk_size)
 
@@ -526,8 +530,9 @@ def student_loss(lalm: LALM, x_a, m_a, ro: Rollouts, h_t, W_t, A, args: Args) ->
         metrics.update(loss_tok=L_tok.item(), **tok_metrics)
     if A is not None:
         y, m = rows["group"]
-        if logp is None:
-            logp = head_terms(lalm, h["group"], y, m, chunk_size=args.chunk_size)[1]  # (B*G, T)
+        tau = args.grpo_temperature if args.grpo_logp_temperature == "sampling" and args.grpo_temperature > 0 else 1.0
+        if logp is None or tau != 1.0:  # departure 5: log pi at the temperature the rollouts were sampled at
+            logp = head_terms(lalm, h["group"], y, m, chunk_size=args.chunk_size, temperature=tau)[1]  # (B*G, T)
         L_seq, seq_metrics = grpo_loss(logp, logp.detach(), A, m, args.clip_eps, args.group_size, args.grpo_reduction)  # Eq. 10
         loss = loss + args.lam * L_seq  # L_CORD = L_tok + lambda L_seq
         metrics.update(loss_seq=L_seq.item(), **seq_metrics)

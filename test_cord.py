@@ -713,3 +713,33 @@ def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_
         assert weights == [(alpha, beta) if objective == "cord" else (1.0, 1.0)]
     assert m["loss"] == pytest.approx(sum(c * values[name] for name, c in want.items()), abs=1e-6)
     assert ("loss_tok" in m, "loss_seq" in m, f"loss_{objective}" in m) == ("tok" in want, "seq" in want, "baseline" in want)
+
+
+@pytest.mark.parametrize("mode", ["sampling", "one"])
+def test_grpo_logprobs_are_taken_at_the_rollouts_sampling_temperature(mode, speech_data, qwen2_audio_dir, monkeypatch):
+    """Eq. 10's log pi(y_t) is log softmax(logits / tau_grpo) (departure 5), or at tau = 1 with `one`: checked against the
+    model's own completion logits on the same rows."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective="grpo", reward_ref="answer",
+                                             grpo_logp_temperature=mode)
+    seen, real_loss, real_student = {}, cord.grpo_loss, cord.student_loss
+
+    def loss_spy(logp, old_logp, A, mask, *a):
+        seen["logp"] = logp.detach().clone()
+        return real_loss(logp, old_logp, A, mask, *a)
+
+    def student_spy(lalm_, x_a, m_a, ro, *a):
+        seen["x_a"], seen["m_a"], seen["group"] = x_a.detach().clone(), m_a.clone(), ro.group
+        return real_student(lalm_, x_a, m_a, ro, *a)
+
+    monkeypatch.setattr(cord, "grpo_loss", loss_spy)
+    monkeypatch.setattr(cord, "student_loss", student_spy)
+    cord.train_step(lalm, teacher, cord.make_judge(args, lalm), examples, args)
+    y, m = seen["group"]
+    lalm.model.eval()
+    with torch.no_grad():
+        logits = cord.completion_logits(lalm, seen["x_a"].repeat_interleave(G_W, 0), seen["m_a"].repeat_interleave(G_W, 0), y, m)
+    tau = args.grpo_temperature if mode == "sampling" else 1.0  # 1.5: the rollouts' temperature
+    want = torch.log_softmax(logits.double() / tau, -1).gather(-1, y[..., None])[..., 0]  # (B*G, T)
+    torch.testing.assert_close(seen["logp"][m].double(), want[m], atol=2e-5, rtol=1e-5)
+    other = torch.log_softmax(logits.double() / (2.5 - tau), -1).gather(-1, y[..., None])[..., 0]  # the other temperature
+    assert (seen["logp"][m].double() - other[m]).abs().max() > 1e-3
