@@ -145,7 +145,8 @@ def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=Fa
     if template is None:
         raise SystemExit(f"--model {path}: no chat template in its processor or tokenizer; add chat_template.json")
     audio_token_id = getattr(model.config, "audio_token_index", None) or getattr(model.config, "audio_token_id", None)
-    suppress = {audio_token_id} | {i for t, i in tokenizer.get_vocab().items() if "audio" in t.lower() and t.startswith("<")}
+    added = getattr(tokenizer, "added_tokens_decoder", {})  # special tokens only: Qwen's BPE also has the text '<AudioSource'
+    suppress = {audio_token_id} | {i for i, t in added.items() if "audio" in str(t).lower()}
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return LALM(model, tokenizer, feature_extractor, template, audio_features, audio_token_id,
