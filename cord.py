@@ -82,7 +82,7 @@ MIN_VALUE = dict(compare_seeds=1, eval_every=0, threads=0, lora_r=1, k=1, k_frac
 class Args:
     model: Optional[str] = field(default=None, metadata={"help": "local dir or hub id; none = the tiny CPU demo"})
     data: Optional[str] = field(default=None, metadata={"help": "training manifest (JSONL), or eval manifest with --eval"})
-    eval_data: Optional[str] = field(default=None, metadata={"help": "eval manifest evaluated before/after training"})
+    eval_data: Optional[str] = field(default=None, metadata={"help": "not implemented yet: evaluation during training"})
     output: str = field(default="runs/cord", metadata={"help": "output folder: metrics.jsonl, checkpoints, final/"})
     eval: bool = field(default=False, metadata={"help": "only evaluate --model on --data (audio vs text accuracy)"})
     baseline: Optional[str] = field(default=None, metadata={"help": "summary.json of the base model, for gap reduction"})
@@ -426,7 +426,6 @@ def pad_cat(tensors, value):  # right-pad (R_i, T_i) tensors to a common T and s
 @dataclass
 class Rollouts:
     """One step's completions, each a (y, mask) pair of (R, T) tensors, by the loss they carry."""
-
     opd: Optional[tuple] = None  # (B, T) y ~ pi(.|x_a) at tau: the token loss (Eq. 2-7); None with --opd_rollout group
     group: Optional[tuple] = None  # (B*G, T) y_i ~ pi(.|x_a) at tau_grpo: GRPO (Eq. 10)
     ref: Optional[tuple] = None  # (B, T) y_hat ~ pi(.|x_t): the judge's reference (Eq. 8); sft / fkl target
@@ -701,6 +700,7 @@ def parse_args(argv=None) -> Args:
                  (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
                  (args.baseline and not Path(args.baseline).is_file(), f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
                  (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+                 (args.eval_data is not None, "--eval_data: evaluation during training is not implemented yet; use --eval true on checkpoints"),
                  (any(o not in OBJECTIVES for o in args.compare_objectives.split(",")), f"--compare_objectives {args.compare_objectives}: choose from {', '.join(OBJECTIVES)}")]
     for bad, message in problems:
         if bad:

@@ -459,6 +459,7 @@ def test_every_function_in_the_readme_paper_table_exists():
     (["--save_every", "0"], "--save_every"), (["--objective", "grpo", "--group_size", "1"], "--group_size"),
     (["--eval", "true"], "--eval"), (["--baseline", "/no/such/summary.json"], "--baseline"),
     (["--resume", "true", "--overwrite", "true"], "--resume"),
+    (["--eval_data", "eval.jsonl"], "--eval_data"),  # declared, not implemented yet: never silently ignored
 ])
 def test_bad_values_and_pairs_are_one_line_before_any_model_loads(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
