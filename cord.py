@@ -38,8 +38,7 @@ Departures from the paper (each switchable unless noted):
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
 10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
     wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
-11. The losses use memory-bounded kernels (kernels.py, `--chunk_size`): the same values and
-    gradients as the reference functions below, which `--chunk_size none` runs instead.
+11. The losses run through memory-bounded kernels (kernels.py): same values and gradients (`--chunk_size 0`: the reference).
 The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo.py says which.
 """
 from __future__ import annotations
@@ -51,7 +50,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -70,7 +69,7 @@ from families import LALM, audio_window_seconds, configure_trainable, enable_gra
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
 POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")  # value ranges, checked at parse time: these > 0, and MIN_VALUE's >=
 MIN_VALUE = dict(compare_seeds=1, eval_every=0, threads=0, lora_r=1, k=1, k_frac=0, beta=1, group_size=1, temperature=0,
-                 grpo_temperature=0, ref_temperature=0, max_new_tokens=1, weight_decay=0, batch_size=1, steps=1, chunk_size=1,
+                 grpo_temperature=0, ref_temperature=0, max_new_tokens=1, weight_decay=0, batch_size=1, steps=1, chunk_size=0,
                  save_every=1, save_total_limit=0, eval_limit=1, eval_batch_size=1)
 
 
@@ -121,7 +120,7 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     batch_size: int = field(default=8, metadata={"help": "B: audio prompts per step"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (kernels.py); none = plain reference"})
+    chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (kernels.py); 0 = the plain reference"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     drop_long_audio: bool = field(default=False, metadata={"help": "drop clips longer than the encoder's window (else: refuse)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
@@ -705,7 +704,7 @@ def parse_args(argv=None) -> Args:
     for bad, message in problems:
         if bad:
             parser.error(f"argument {message}")
-    return args
+    return replace(args, chunk_size=args.chunk_size or None)  # 0: the reference functions, no chunking
 
 
 def setup(args: Args) -> LALM:

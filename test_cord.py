@@ -468,6 +468,16 @@ def test_bad_values_and_pairs_are_one_line_before_any_model_loads(argv, flag, ca
     assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err, err
 
 
+def test_chunk_size_0_runs_the_reference_functions_with_the_same_losses(tmp_path, speech_data, qwen2_audio_dir):
+    """--chunk_size 0: the plain reference functions instead of kernels.py; the same rollouts give the same losses."""
+    for run, extra in (("fused", ()), ("reference", ("--chunk_size", "0"))):
+        run_main(tmp_path / run, qwen2_audio_dir, speech_data, "--objective", "cord", "--seed", "2", *extra, steps=1)
+    a, b = (json.loads((tmp_path / run / "run/metrics.jsonl").read_text()) for run in ("fused", "reference"))
+    assert a["rollout_tokens"] == b["rollout_tokens"] and a["loss_tok"] > 0
+    for key in ("loss", "loss_tok", "loss_seq", "kl_mean"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
 def test_eval_without_answers_says_not_scored(tmp_path, speech_data, qwen2_audio_dir, capsys):
     rows = [dict(json.loads(line), audio=str(speech_data.parent / json.loads(line)["audio"])) for line in open(speech_data)]
     manifest = tmp_path / "no_answers.jsonl"
