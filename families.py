@@ -169,8 +169,6 @@ def configure_trainable(lalm: LALM, train: str = "all", lora_r: int = 16) -> lis
 
 def audio_window_seconds(path: str, trust_remote_code: bool = False):
     """The longest clip the model's feature extractor keeps (Whisper: 30 s; longer audio is cut), or None."""
-    from transformers import AutoFeatureExtractor
-
     try:
         fe = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
