@@ -21,7 +21,8 @@ import plumbing
 from cord import Args, evaluate, load_manifest, setup, train
 
 
-DEMO = dict(steps=60, batch_size=16, max_new_tokens=24, k=4, train="audio", eval_limit=500, save_every=20)
+DEMO = dict(steps=60, batch_size=16, max_new_tokens=24, k=4, train="audio", eval_limit=500, save_every=20,
+            output="runs/demo")  # its own folder: a real run in runs/cord is never touched
 
 
 def demo_args(args: Args, **over) -> Args:
@@ -54,6 +55,9 @@ def demo(args: Args, **build):
     `build` goes to tiny_lalm.load_or_build (the tests use a drastically reduced budget)."""
     from tiny_lalm import load_or_build
 
+    output = demo_args(args).output
+    if not args.compare:  # before the build: a refused folder costs nothing; the demo's own folder starts over
+        plumbing.prepare_output(output, args.resume, overwrite=args.overwrite or (output == DEMO["output"] and not args.resume))
     clock = time.time()
     model, _, train_m, eval_m = load_or_build(seed=args.seed, **build)
     args = demo_args(args, model=str(Path(train_m).parents[2]), data=str(train_m))
@@ -62,7 +66,6 @@ def demo(args: Args, **build):
     out = Path(args.output)
     if args.compare:
         return compare(args, examples, ev)
-    plumbing.prepare_output(args.output, args.resume, overwrite=not args.resume)  # the demo starts over unless --resume
     lalm = setup(args)
     base = evaluate(lalm, ev, args, str(out / "eval-base"))
     clock = time.time()

@@ -1,6 +1,8 @@
 """demo.py: `python cord.py` without --model, end to end on a drastically reduced tiny LALM, and --compare."""
 from dataclasses import replace
 
+import pytest
+
 import demo
 from cord import Args
 
@@ -20,3 +22,15 @@ def test_demo_default_path_smoke(tmp_path):
     res = demo.demo(args, **build)
     assert set(res["runs"]) == {"opd-seed0", "cord-seed0"} and len(res["runs"]["cord-seed0"]) == 3  # step 0, 1, 2
     assert (tmp_path / "cmp/results.md").is_file() and (tmp_path / "cmp/curves.png").stat().st_size > 1000
+
+
+def test_the_demo_never_overwrites_a_real_run(tmp_path, monkeypatch):
+    """`python cord.py` writes to runs/demo (a real run's default is runs/cord); any other folder that holds a run
+    is refused before the tiny model is even built."""
+    assert demo.demo_args(Args()).output == "runs/demo" and Args().output == "runs/cord"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/metrics.jsonl").write_text('{"step": 1}\n')
+    monkeypatch.setattr("tiny_lalm.load_or_build", lambda **kw: pytest.fail("refused before the build"))
+    with pytest.raises(SystemExit, match="holds a run"):
+        demo.demo(Args(output=str(tmp_path / "run")))
+    assert (tmp_path / "run/metrics.jsonl").read_text() == '{"step": 1}\n'
