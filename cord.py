@@ -21,13 +21,11 @@ Departures from the paper (each switchable unless noted):
  3. `--reward_ref answer` (or `both`) uses the ground-truth answer instead of / besides y_hat.
  4. Eq. 7 is normalised by sum_t w_t (`--normalize weights`) so alpha = beta = 1 is exactly Eq. 3;
     `--normalize length` divides by T instead.
- 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient.
-    The paper does not say at which temperature. The GRPO log-probs use logits / tau_grpo, the policy
-    that sampled the rollouts (`--grpo_logp_temperature sampling`, as TRL and verl do): only then is
-    A_i grad log pi(y_i) the policy gradient of the distribution that produced y_i; at tau = 1 it
-    would push a different distribution than the one the rewards were measured on (`one` keeps that,
-    the behaviour before this option). The KL of Eq. 2 uses temperature-1 logits: the text teacher's
-    distribution itself is the target, whatever temperature drew the prefix.
+ 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient, at a
+    temperature the paper does not give. The GRPO log-probs use logits / tau_grpo, the policy that sampled
+    the rollouts (`--grpo_logp_temperature sampling`, as TRL and verl do): only then is A_i grad log pi(y_i)
+    the policy gradient of the distribution whose rewards were measured (`one`: tau = 1, as before). The
+    KL of Eq. 2 uses temperature-1 logits: the text teacher's own distribution is the target.
  6. GRPO advantages divide by std + 1e-4 by default (`--adv_scale none`: Dr. GRPO / the paper's
     Eq. 9 as written).
  7. The OPD rollout (tau = 1.0) and the G GRPO rollouts (tau = 1.5) share one prefill per prompt
@@ -81,14 +79,14 @@ MIN_VALUE = dict(compare_seeds=1, eval_every=0, threads=0, lora_r=1, k=1, k_frac
 class Args:
     model: Optional[str] = field(default=None, metadata={"help": "local dir or hub id; none = the tiny CPU demo"})
     data: Optional[str] = field(default=None, metadata={"help": "training manifest (JSONL), or eval manifest with --eval"})
-    eval_data: Optional[str] = field(default=None, metadata={"help": "not implemented yet: evaluation during training"})
+    eval_data: Optional[str] = field(default=None, metadata={"help": "manifests (comma-separated) evaluated during training: eval.jsonl"})
     output: str = field(default="runs/cord", metadata={"help": "output folder: metrics.jsonl, checkpoints, final/"})
     eval: bool = field(default=False, metadata={"help": "only evaluate --model on --data (audio vs text accuracy)"})
     baseline: Optional[str] = field(default=None, metadata={"help": "summary.json of the base model, for gap reduction"})
     compare: bool = field(default=False, metadata={"help": "tiny demo: every objective x --compare_seeds, table + plot"})
     compare_seeds: int = field(default=3, metadata={"help": "seeds per objective with --compare"})
     compare_objectives: str = field(default="sft,fkl,grpo,opd,opd+grpo,cord", metadata={"help": "objectives for --compare"})
-    eval_every: int = field(default=0, metadata={"help": "tiny demo: evaluate every n steps (curves); 0 = before/after"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate --eval_data (demo: the curves) every n steps; 0 = before/after"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 per process when several share the cores)"})
     objective: Literal[OBJECTIVES] = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
     teacher: Literal["live", "frozen"] = field(default="live", metadata={"help": "live: current weights; frozen: initial weights"})
@@ -140,7 +138,7 @@ class Args:
 # Prompts: x_a and x_t for one LALM (families.py loads it: the model, its tokenizer, its audio path)
 
 
-def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> str:
+def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> str:  # one user turn in the model's template
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
     return lalm.tokenizer.apply_chat_template(messages, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
 
@@ -483,8 +481,7 @@ class Teacher:
 
 def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):  # -> D (R, T) or None, logp (R, T)
     """Eq. 2 against the teacher's hidden states h_t (when given) and log pi(y_t) from logits / temperature, from
-    student hidden states (R, T, C). With chunk_size (the default) the (R, T, V) logits never exist (kernels.py).
-    """
+    student hidden states (R, T, C). With chunk_size (the default) the (R, T, V) logits never exist (kernels.py)."""
     head = lalm.base.get_output_embeddings()
     if chunk_size is not None and head.bias is None:  # logits / tau = (h / tau) W^T, exactly
         D, logp = kernels.fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
@@ -495,10 +492,8 @@ def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temp
 
 
 def baseline_loss(lalm: LALM, h, y, mask, h_t, W_t, objective: str, chunk_size=None):
-    """The extra baselines on y_hat ~ pi(.|x_t) (departure 9), a per-sequence token mean then mean over sequences.
-
-    sft: cross-entropy of y_hat from the audio prompt; fkl: KL(pi(.|x_t) || pi(.|x_a)) along that text trajectory.
-    """
+    """The extra baselines on y_hat ~ pi(.|x_t) (departure 9), a per-sequence token mean then mean over sequences:
+    sft = cross-entropy of y_hat from the audio prompt; fkl = KL(pi(.|x_t) || pi(.|x_a)) along that text trajectory."""
     if objective == "sft":
         per_tok = -head_terms(lalm, h, y, mask, chunk_size=chunk_size)[1]  # (B, T)
     else:
@@ -577,7 +572,7 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
     return loss.detach(), metrics
 
 
-def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
+def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict] = None) -> Path:
     """The flat loop: batch -> train_step -> clip -> AdamW, a JSON line of metrics per step, checkpoints.
 
     Under torchrun every rank runs this loop on its slice of the global batch (B per rank x world size);
@@ -595,6 +590,10 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
         args.output, args.resume, args.fsdp, lalm.base.get_decoder().layers, B)
     if start == 0:
         torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
+    evaluate_at = lambda step: plumbing.log_evaluations(lambda rows, base: evaluate(lalm, rows, args, None, base, kl=False),
+                                                         eval_sets, args.output, step)  # --eval_data: acc, gap per set
+    if eval_sets and start == 0:
+        evaluate_at(0)
     log, parts = plumbing.open_metrics(args.output, start), (lalm.processor or lalm.tokenizer, lalm.feature_extractor)
     guard = plumbing.NonFiniteGuard(max_in_a_row=3)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.objective, dynamic_ncols=True, disable=rank > 0)
@@ -614,6 +613,8 @@ def train(lalm: LALM, examples: list[dict], args: Args) -> Path:
             bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             plumbing.save_checkpoint(lalm.model, opt, step + 1, args.output, parts, asdict(args), args.fsdp, args.save_total_limit)
+        if eval_sets and ((step + 1) % (args.eval_every or args.steps) == 0 or step + 1 == args.steps):
+            evaluate_at(step + 1)
     return plumbing.save_final(lalm.model, args.output, parts, args.fsdp)
 
 
@@ -699,7 +700,6 @@ def parse_args(argv=None) -> Args:
                  (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
                  (args.baseline and not Path(args.baseline).is_file(), f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
                  (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
-                 (args.eval_data is not None, "--eval_data: evaluation during training is not implemented yet; use --eval true on checkpoints"),
                  (any(o not in OBJECTIVES for o in args.compare_objectives.split(",")), f"--compare_objectives {args.compare_objectives}: choose from {', '.join(OBJECTIVES)}")]
     for bad, message in problems:
         if bad:
@@ -725,8 +725,9 @@ def main(argv=None):
         return demo.demo(args)
     if args.data is None:
         raise SystemExit("--data: give a training manifest (JSONL; see README) or use --eval")
-    data = load_manifest(args.data)  # every check before the model loads (minutes for a 7B model); no clip is cut
-    data = check_durations(data, audio_window_seconds(args.model, args.trust_remote_code), args.drop_long_audio, args.data)
+    window = audio_window_seconds(args.model, args.trust_remote_code)  # every check before the model loads; no clip is cut
+    load = lambda path: check_durations(load_manifest(path), window, args.drop_long_audio, path)
+    data, eval_sets = load(args.data), {p: load(p)[: args.eval_limit] for p in (args.eval_data or "").split(",") if p}
     if args.eval:
         plumbing.check_writable(args.output)
         base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
@@ -739,7 +740,7 @@ def main(argv=None):
         print(f"{args.data}: skipping {sum(not ex.get('text') for ex in data)} audio-only rows (no 'text') in training")
         data = [ex for ex in data if ex.get("text")] or sys.exit(f"{args.data}: no row has a 'text' (a transcript) to train on")
     plumbing.prepare_output(args.output, args.resume, args.overwrite)
-    final = train(setup(args), data, args)
+    final = train(setup(args), data, args, eval_sets)
     print(f"saved {final}")
     return final
 

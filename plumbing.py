@@ -388,6 +388,24 @@ def start_or_resume(model, params: list, make_optimizer: Callable, output: str, 
     return params, opt, start
 
 
+def log_evaluations(evaluate: Callable, sets: dict, output: str, step: int) -> list[dict]:
+    """Evaluate every set at `step` -> one JSON line per set in <output>/eval.jsonl (rank 0 writes; every rank evaluates,
+    as FSDP needs). evaluate(rows, baseline) -> summary; baseline = that set's step-0 line, for the gap reduction. Lines
+    of this step or later (from a run resumed from an earlier checkpoint) are replaced."""
+    path = Path(output) / "eval.jsonl"
+    old = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    first = {r["set"]: r for r in old if r["step"] == 0}
+    records = []
+    for name, rows in sets.items():
+        s = evaluate(rows, first.get(name))
+        records.append({"step": step, "set": name, **{k: s.get(k) for k in ("n", "acc_text", "acc_audio", "gap", "gap_reduction")}})
+    if rank_world()[0] == 0:
+        path.write_text("".join(json.dumps(r) + "\n" for r in [r for r in old if r["step"] < step] + records))
+        for r in records:
+            print(json.dumps(r), file=sys.stderr)  # beside the progress bar
+    return records
+
+
 def open_metrics(output: str, start: int):
     """metrics.jsonl for appending, holding the lines of steps 1..start (a resumed run drops later ones); None off rank 0."""
     if rank_world()[0] != 0:

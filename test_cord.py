@@ -9,6 +9,7 @@ import json
 import math
 import re
 import runpy
+import shutil
 import sys
 import types
 import typing
@@ -459,7 +460,6 @@ def test_every_function_in_the_readme_paper_table_exists():
     (["--save_every", "0"], "--save_every"), (["--objective", "grpo", "--group_size", "1"], "--group_size"),
     (["--eval", "true"], "--eval"), (["--baseline", "/no/such/summary.json"], "--baseline"),
     (["--resume", "true", "--overwrite", "true"], "--resume"),
-    (["--eval_data", "eval.jsonl"], "--eval_data"),  # declared, not implemented yet: never silently ignored
 ])
 def test_bad_values_and_pairs_are_one_line_before_any_model_loads(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -476,6 +476,26 @@ def test_chunk_size_0_runs_the_reference_functions_with_the_same_losses(tmp_path
     assert a["rollout_tokens"] == b["rollout_tokens"] and a["loss_tok"] > 0
     for key in ("loss", "loss_tok", "loss_seq", "kl_mean"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_eval_data_is_evaluated_during_training_and_resumes_cleanly(tmp_path, speech_data, qwen2_audio_dir):
+    """--eval_data a,b --eval_every 1: each set at step 0, 1, 2 in eval.jsonl; a run resumed from step 1 replaces
+    (does not repeat) the lines after its checkpoint."""
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(dict(json.loads(line), audio=str(speech_data.parent / json.loads(line)["audio"])))
+                             + "\n" for line in open(speech_data).read().splitlines()[:2]))
+    sets = f"{speech_data},{other}"
+    common = ("--objective", "opd", "--eval_data", sets, "--eval_every", "1", "--save_every", "1", "--max_new_tokens", "3")
+    run_main(tmp_path, qwen2_audio_dir, speech_data, *common, steps=2)
+    lines = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["set"]) for r in lines] == [(s, p) for s in (0, 1, 2) for p in (str(speech_data), str(other))]
+    assert [r["n"] for r in lines[:2]] == [len(QUESTIONS), 2] and all(r["acc_audio"] is not None for r in lines)
+    assert all((r["gap_reduction"] is not None) == (r["step"] > 0 and lines[i % 2]["gap"] != 0) for i, r in enumerate(lines))
+    (tmp_path / "run/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:4]) + '{"step": 2, "set": "stale"}\n')
+    shutil.rmtree(tmp_path / "run/checkpoint-000002"), shutil.rmtree(tmp_path / "run/final")
+    run_main(tmp_path, qwen2_audio_dir, speech_data, *common, "--resume", "true", steps=2)  # from checkpoint-000001
+    again = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["set"]) for r in again] == [(r["step"], r["set"]) for r in lines]  # stale step-2 lines replaced
 
 
 def test_eval_without_answers_says_not_scored(tmp_path, speech_data, qwen2_audio_dir, capsys):

@@ -237,3 +237,19 @@ def test_a_non_finite_step_is_never_applied_and_three_in_a_row_stop(tmp_path, sp
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, speech_data, qwen2_audio_dir):
     run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--save_every", "1", "--save_total_limit", "2", steps=3)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+
+
+def test_log_evaluations_measures_each_set_against_its_own_step_0(tmp_path):
+    gaps = {("a", 0): 40.0, ("b", 0): 10.0, ("a", 5): 30.0, ("b", 5): 10.0}
+    seen = []
+
+    def fake_evaluate(rows, baseline):  # as cord.evaluate: gap reduction against the baseline given
+        seen.append((rows, baseline and baseline["gap"]))
+        gap = gaps[(rows, step)]
+        return {"n": 1, "gap": gap, "gap_reduction": (baseline["gap"] - gap) / baseline["gap"] if baseline else None}
+
+    for step in (0, 5):
+        out = plumbing.log_evaluations(fake_evaluate, {"set-a": "a", "set-b": "b"}, str(tmp_path), step)
+    assert seen == [("a", None), ("b", None), ("a", 40.0), ("b", 10.0)]  # step 5 is measured against each set's step 0
+    assert [r["gap_reduction"] for r in out] == [0.25, 0.0]
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 4
