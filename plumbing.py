@@ -308,7 +308,7 @@ def load_training_state(model, opt, ckpt: Path, fsdp: bool) -> int:
     return state["step"]
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoint-*", ".tmp-checkpoint-*", "final", ".tmp-final")  # what train() writes
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "checkpoint-*", ".tmp-checkpoint-*", "final", ".tmp-final")  # what train() writes
 
 
 def check_writable(output: str) -> Path:
