@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import inspect
 import json
 import random
@@ -132,6 +133,7 @@ class Args:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard a full fine-tune across ranks (FSDP2)"})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "also log to TensorBoard (<output>/tensorboard) | W&B"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,10 +593,10 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
     if start == 0:
         torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
     evaluate_at = lambda step: plumbing.log_evaluations(lambda rows, base: evaluate(lalm, rows, args, None, base, kl=False),
-                                                         eval_sets, args.output, step)  # --eval_data: acc, gap per set
+                                                         eval_sets, args.output, step, log)  # --eval_data: acc, gap per set
+    log, parts = plumbing.MetricsLog(args.output, start, args.report_to, asdict(args)), (lalm.processor or lalm.tokenizer, lalm.feature_extractor)
     if eval_sets and start == 0:
         evaluate_at(0)
-    log, parts = plumbing.open_metrics(args.output, start), (lalm.processor or lalm.tokenizer, lalm.feature_extractor)
     guard = plumbing.NonFiniteGuard(max_in_a_row=3)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.objective, dynamic_ncols=True, disable=rank > 0)
     for step in bar:
@@ -608,13 +610,13 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
                 opt.step()
         m = plumbing.mean_over_ranks({**m, **clock.times, "t_step": time.perf_counter() - t0})
         m["step"] = step + 1
-        if log:
-            log.write(json.dumps(m) + "\n"), log.flush()
-            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
+        log.log(m, step + 1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             plumbing.save_checkpoint(lalm.model, opt, step + 1, args.output, parts, asdict(args), args.fsdp, args.save_total_limit)
         if eval_sets and ((step + 1) % (args.eval_every or args.steps) == 0 or step + 1 == args.steps):
             evaluate_at(step + 1)
+    log.close()
     return plumbing.save_final(lalm.model, args.output, parts, args.fsdp)
 
 
@@ -646,19 +648,22 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
             for t, (v, tok) in enumerate(zip(d.tolist(), y[m].tolist())):
                 D_pos.setdefault(t, []).append(v)
                 tok_kl.setdefault(tok, []).append(v)
-            items.append({"id": ex["id"], "answer": answer, "audio_completion": ca, "text_completion": ct, "audio_correct": score(ca),
-                          "text_correct": score(ct) if ex.get("text") else None, "kl_mean": d.mean().item() if len(d) else 0.0})
+            items.append({"id": ex["id"], "category": ex.get("category"), "answer": answer, "audio_completion": ca,
+                          "text_completion": ct, "audio_correct": score(ca), "text_correct": score(ct) if ex.get("text") else None,
+                          "kl_mean": d.mean().item() if len(d) else 0.0})
 
-    def acc(key):  # % right over the items scored on that side; None when there are none ("not scored")
-        verdicts = [it[key] for it in items if it[key] is not None]
+    def acc(key, category=None):  # % right over the items scored on that side (of that category); None when there are none
+        verdicts = [it[key] for it in items if it[key] is not None and category in (None, it["category"])]
         return 100.0 * sum(verdicts) / len(verdicts) if verdicts else None
 
     s = {"n": len(items), "n_scored": sum(it["answer"] is not None for it in items),
          "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
     scored = s["acc_text"] is not None and s["acc_audio"] is not None
     s["gap"] = s["acc_text"] - s["acc_audio"] if scored else None
-    if scored and baseline and baseline.get("gap"):
+    if scored and baseline and (baseline.get("gap") or 0) > 0:  # no gap to close at the baseline: no reduction
         s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
+    if any(it["category"] for it in items):  # e.g. MMAU: sound, music, speech
+        s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in sorted({it["category"] for it in items if it["category"]})}
     s.update(kl_statistics(torch.cat(D_all) if D_all else torch.zeros(1), D_pos, tok_kl, lalm.tokenizer))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -700,6 +705,7 @@ def parse_args(argv=None) -> Args:
                  (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
                  (args.baseline and not Path(args.baseline).is_file(), f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
                  (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+                 (args.report_to != "none" and not importlib.util.find_spec(args.report_to), f"--report_to {args.report_to}: pip install {args.report_to}"),
                  (any(o not in OBJECTIVES for o in args.compare_objectives.split(",")), f"--compare_objectives {args.compare_objectives}: choose from {', '.join(OBJECTIVES)}")]
     for bad, message in problems:
         if bad:
@@ -741,7 +747,7 @@ def main(argv=None):
         data = [ex for ex in data if ex.get("text")] or sys.exit(f"{args.data}: no row has a 'text' (a transcript) to train on")
     plumbing.prepare_output(args.output, args.resume, args.overwrite)
     final = train(setup(args), data, args, eval_sets)
-    print(f"saved {final}")
+    print(f"saved {final}" + (f"\n\n{(Path(args.output) / 'eval.md').read_text()}" if eval_sets else ""))
     return final
 
 

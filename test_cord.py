@@ -23,6 +23,7 @@ import torch
 
 import cord
 import families
+import plumbing
 from conftest import QUESTIONS, rand_case, run_main
 from cord import (
     Args,
@@ -496,6 +497,38 @@ def test_eval_data_is_evaluated_during_training_and_resumes_cleanly(tmp_path, sp
     run_main(tmp_path, qwen2_audio_dir, speech_data, *common, "--resume", "true", steps=2)  # from checkpoint-000001
     again = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
     assert [(r["step"], r["set"]) for r in again] == [(r["step"], r["set"]) for r in lines]  # stale step-2 lines replaced
+
+
+def test_a_speech_set_and_an_audio_only_set_evaluated_during_training_print_one_table(tmp_path, speech_data, qwen2_audio_dir,
+                                                                                        capsys, monkeypatch):
+    """One command trains with a spoken-math set and an MMAU-style audio-only set (a `prompt` with the options, a
+    `category`) evaluated every step, and prints the table per set and the mean gap reduction. The accuracy by
+    category is checked first with every completion made to say B: sound rows (answers A, B) 50 %, speech (B, B) 100 %."""
+    mmau = tmp_path / "mmau/manifest.jsonl"
+    mmau.parent.mkdir()
+    rows = [{"id": f"m{i}", "audio": str(speech_data.parent / f"wavs/q{i}.wav"), "prompt": "What is heard? A. a dog B. a voice",
+             "choices": ["A", "B"], "answer": "AB"[i > 0], "category": ["sound", "speech"][i % 2]} for i in range(4)]
+    mmau.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with monkeypatch.context() as m:
+        m.setattr(cord, "decode", lambda lalm, y, y_mask: ["So the correct option is B."] * len(y))
+        s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(mmau), "--output", str(tmp_path / "ev"),
+                       "--max_new_tokens", "3"])
+    items = [json.loads(line) for line in open(tmp_path / "ev/items.jsonl")]
+    by_hand = {c: 100.0 * np.mean([it["audio_correct"] for it in items if it["category"] == c]) for c in ("sound", "speech")}
+    assert s["acc_audio_by_category"] == by_hand == {"sound": 50.0, "speech": 100.0} and s["acc_text"] is None
+    capsys.readouterr()
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--eval_data", f"{speech_data},{mmau}",
+             "--eval_every", "1", "--max_new_tokens", "3", steps=2)
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["set"]) for r in lines] == [(s, p) for s in (0, 1, 2) for p in (str(speech_data), str(mmau))]
+    assert all(r["gap"] is None and set(r["acc_audio_by_category"]) == {"sound", "speech"} for r in lines[1::2])
+    speech, last = plumbing.set_label(str(speech_data)), lines[-2]
+    assert f"| {speech} | {len(QUESTIONS)} | " in out and "| mmau | 4 | n/a → n/a | " in out and "| mmau | sound | " in out
+    assert "Mean gap reduction over" in out and out.count("speech set(s)") == 1
+    if last["gap_reduction"] is not None:
+        assert f"{100 * last['gap_reduction']:.1f} %" in out.split("Mean gap reduction")[1].splitlines()[0]
+    assert (tmp_path / "run/eval.png").is_file() and (tmp_path / "run/eval.md").read_text() in out
 
 
 def test_eval_without_answers_says_not_scored(tmp_path, speech_data, qwen2_audio_dir, capsys):

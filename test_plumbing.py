@@ -253,3 +253,45 @@ def test_log_evaluations_measures_each_set_against_its_own_step_0(tmp_path):
     assert seen == [("a", None), ("b", None), ("a", 40.0), ("b", 10.0)]  # step 5 is measured against each set's step 0
     assert [r["gap_reduction"] for r in out] == [0.25, 0.0]
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 4
+
+
+def test_summarize_evaluations_tables_each_set_the_mean_gap_reduction_and_categories(tmp_path):
+    """eval.jsonl -> eval.md: first vs last evaluation per set; the mean gap reduction over the speech sets only
+    (computed here by hand: (40-10)/40 = 75 %, (10-5)/10 = 50 % -> 62.5 %); MMAU's accuracy by category; eval.png."""
+    at = lambda step, name, n, text, audio, red=None, cats=None: {
+        "step": step, "set": name, "n": n, "acc_text": text, "acc_audio": audio, "gap": None if text is None else text - audio,
+        "gap_reduction": red, "acc_audio_by_category": cats}
+    lines = [at(0, "data/mmsu/manifest.jsonl", 10, 80.0, 40.0), at(0, "data/gsm8k.jsonl", 5, 60.0, 50.0),
+             at(0, "data/mmau/manifest.jsonl", 4, None, 50.0, cats={"music": 0.0, "sound": 100.0}),
+             at(10, "data/mmsu/manifest.jsonl", 10, 80.0, 70.0, 0.75), at(10, "data/gsm8k.jsonl", 5, 60.0, 55.0, 0.5),
+             at(10, "data/mmau/manifest.jsonl", 4, None, 75.0, cats={"music": 50.0, "sound": 100.0})]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    md = plumbing.summarize_evaluations(str(tmp_path))
+    assert "| mmsu | 10 | 80.0 → 80.0 | 40.0 → 70.0 | 40.0 → 10.0 | 75.0 % |" in md
+    assert "| gsm8k | 5 | 60.0 → 60.0 | 50.0 → 55.0 | 10.0 → 5.0 | 50.0 % |" in md
+    assert "| mmau | 4 | n/a → n/a | 50.0 → 75.0 | n/a → n/a | n/a |" in md
+    assert "over 2 of 2 speech set(s) (those with a gap at step 0): 62.5 %" in md
+    assert "| mmau | music | 0.0 → 50.0 |" in md and "| mmau | sound | 100.0 → 100.0 |" in md
+    assert (tmp_path / "eval.md").read_text() == md and (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_to_tensorboard_writes_event_files_and_a_resumed_run_replaces_later_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = plumbing.MetricsLog(str(tmp_path), 0, "tensorboard")
+    for step in (1, 2, 3):
+        log.log({"loss": 0.5 * step, "step": step, "note": "text is not a scalar"}, step)
+    log.log({"acc_audio": 40.0, "acc_text": None, "acc_audio_by_category": {"sound": 25.0}}, 3, prefix="eval/mmau")
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 1.0), (3, 1.5)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/mmau/acc_audio_by_category/sound")] == [(3, 25.0)]
+    assert "eval/mmau/acc_text" not in events.Tags()["scalars"] and "train/note" not in events.Tags()["scalars"]
+    log = plumbing.MetricsLog(str(tmp_path), 2, "tensorboard")  # resumed from checkpoint 2: step 3 is done again
+    log.log({"loss": 9.0, "step": 3}, 3)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 1.0), (3, 9.0)]
+    assert events.Scalars("eval/mmau/acc_audio") == []  # purged with step 3 (the resumed run evaluates again)
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.5, 1.0, 9.0]
