@@ -42,7 +42,7 @@ _MARKER = re.compile(r"(?:answer|option|choice)[\s*]*(?:is\b(?!')|:)[\s:*]*", re
 _EQUATION = re.compile(r"(?:^|[\s,;:(])[A-Za-z]\w{0,15}\s*=\s*([^=\n]+?)\s*$")  # "... so x = 3" at the very end
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")  # \text{(C)} -> (C)
 _VULGAR = re.compile(r"(?:(\d+)\s?)?([\u00bc-\u00be\u2150-\u215e])")  # 1½, ¾
-_CHOICE = re.compile(r"\b(?i:option|choice)\s*\(?([A-J])\b\)?|(?<!\w)\(([A-J])\)")  # "option B", "(B)"
+_CHOICE = re.compile(r"\b(?i:option|choice|choose|select|pick)\s*\(?([A-J])\b\)?|(?<!\w)\(([A-J])\)")  # "option B", "I'd pick B", "(B)"
 _CHOICE_START = re.compile(r"\s*\(?([A-J])[.):](?:\s|$)")  # "B. Paris ..." at the very start
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -104,6 +104,8 @@ def _short(text):
     unless it is prose with several numbers ('it costs 3, in total 12')."""
     if len(text) > SHORT_CHARS or "\n" in text or _MARKER.search(text):  # 'The answer is' is no answer
         return None
+    if _CHOICE.search(text) and not _LETTER.fullmatch(text):  # 'I would choose option B.': the letter (_choice)
+        return None
     if len(_NUMBER.findall(text)) > 1 and re.search(r"[^\W\d_]{2,}\s+[^\W\d_]{2,}", text):
         return None
     return _clean(text)
@@ -157,6 +159,7 @@ def extract_answer(completion):
 # Comparison: answer vs answer
 # ---------------------------------------------------------------------------
 _LETTER = re.compile(r"(?i:option|choice)?\s*(?:\(([A-J])\)|([A-J])(?:[.:)]|$))\s*(.*)", re.S)
+_LONE_LETTER = re.compile(r"\(?[a-j][.):]?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,234,567" -> "1234567"
 _MATHY = re.compile(r"[\\^/*+=(){}\[\]<>|_]")  # LaTeX or operators: leave it to math-verify
 _PLAIN = re.compile(r"-?\d+(?:\.\d+)?")
@@ -212,6 +215,8 @@ def _parse(answer, timeout):
 
 def _letter(answer):
     """'(B) Paris' -> ('B', 'Paris'), 'option C' -> ('C', ''), '42' -> (None, '42')."""
+    if _LONE_LETTER.fullmatch(answer):  # a completion that is only 'b' or '(c)': the letter, as VoiceBench reads it
+        return answer.strip("().:").upper(), ""
     m = _LETTER.fullmatch(answer)
     return (m.group(1) or m.group(2), m.group(3)) if m else (None, answer)
 

@@ -263,6 +263,8 @@ SHAPES = [
     ("\\boxed{\\text{(C)}}", "D", False),
     ("She ate ½ of the pie.", "1/2", True), ("the answer is ¾", "0.75", True), ("It is 1½ hours", "1.5", True),
     ("½", "0.25", False),
+    ("I would choose option B.", "B", True), ("I'd pick C", "C", True), ("I would select (D).", "D", True),
+    ("I would choose option B.", "C", False), ("b", "B", True), ("(c)", "C", True), ("a", "B", False), ("b", "4", False),
 ]
 
 
