@@ -3,11 +3,15 @@
     python bench.py --model tiny --steps 5                   # a CORD step on the tiny model (CPU)
     python bench.py --model qwen2-audio-7b --lora --gradient-checkpointing --prompts 8 --seconds 10
                                                              # random-init Qwen2-Audio-7B-Instruct config (GPU)
+    python bench.py --model tiny --compile-rollout off       # the eager sampler (before/after the fast path)
     python bench.py --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936, T = 512, B = 2
     python bench.py --judge                                  # RuleJudge on 1,000 pairs
+    python bench.py --sampler --max-new-tokens 200           # cord.sample alone: eager vs fast (tokens/s, greedy rows)
 
 Step mode prints the time split (rollout / judge / teacher / student fwd+bwd / optimizer), the
-overhead = step - (rollout + teacher + student + optimizer), rollout tokens/s and peak memory.
+overhead = step - (rollout + teacher + student + optimizer), rollout tokens/s and peak memory, and
+the decode loop: ms per decode step (a sampler call's time over its steps, prefill included) against
+the memory-bandwidth limit, the time to read the weights a step needs once (decoder layers + head).
 Loss-memory mode runs each variant in a fresh process and reports its peak memory (CUDA peak
 on a GPU, process max-RSS on CPU) and the ratio; values and gradients are checked to agree.
 """
@@ -149,6 +153,49 @@ def judge_bench(n: int = 1000) -> dict:
 # step mode
 
 
+class DecodeTimer:
+    """Stands in for cord.sample: records (decode steps, rows, seconds, cache columns S + T, tokens) per call, synchronised on CUDA."""
+
+    def __init__(self, sample, device):
+        self.sample, self.device, self.calls = sample, device, []
+
+    def __call__(self, *args, **kwargs):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        clock = time.perf_counter()
+        y, m = self.sample(*args, **kwargs)
+        sync()
+        self.calls.append((y.shape[1], y.shape[0], time.perf_counter() - clock, args[1].shape[1] + args[5], int(m.sum())))
+        return y, m
+
+
+def decode_weight_bytes(lalm) -> int:  # the weights one decode step reads: decoder layers + norm + head, not the embedding table
+    head = list(lalm.base.get_output_embeddings().parameters())
+    skip = {id(p) for p in lalm.base.get_input_embeddings().parameters()} - {id(p) for p in head}
+    params = {id(p): p for p in [*lalm.base.get_decoder().parameters(), *head] if id(p) not in skip}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def kv_bytes_per_token(lalm) -> int:  # keys + values of one position in every layer
+    cfg, p = lalm.base.get_decoder().config, next(lalm.base.get_decoder().parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim * p.element_size()
+
+
+def bandwidth_figures(calls, weight_bytes: int, kv_per_token: int, bandwidth_gbs) -> dict:
+    """ms per decode step against the time to read the weights once (the issue's limit); the static KV cache
+    (rows x (S + T) positions, read whole by every fast-path step) is reported beside it, not in the limit."""
+    steps, rows, seconds = (sum(c[i] for c in calls) for i in range(3))
+    kv = sum(c[1] * c[3] for c in calls) * kv_per_token / max(len(calls), 1)  # bytes, mean per call
+    out = {"decode_steps": steps, "decode_ms_per_step": round(1000 * seconds / steps, 2) if steps else None,
+           "decode_weight_gb": round(weight_bytes / 1e9, 3), "static_kv_cache_gb": round(kv / 1e9, 3), "bandwidth_gbs": bandwidth_gbs}
+    if bandwidth_gbs and steps:
+        limit_ms = 1000 * weight_bytes / (bandwidth_gbs * 1e9)  # one read of the weights per step
+        out.update(bandwidth_limit_ms_per_step=round(limit_ms, 3), x_bandwidth_limit=round(1000 * seconds / steps / limit_ms, 2),
+                   bandwidth_limit_tokens_per_s=round(rows / len(calls) / limit_ms * 1000))  # rows per call, every step
+    return out
+
+
 def build_bench_model(name: str, dtype, device):
     """'tiny' (the demo's size) or 'qwen2-audio-7b' (random weights, the real configuration)."""
     from tiny_lalm import build_model, build_processor
@@ -171,7 +218,7 @@ def build_bench_model(name: str, dtype, device):
     return model, processor
 
 
-def step_bench(a) -> dict:
+def bench_setup(a):  # -> lalm, `a.prompts` examples of `a.seconds` of noise, build seconds
     device = torch.device(a.device)
     dtype = torch.bfloat16 if (a.dtype == "bfloat16") else torch.float32
     clock = time.perf_counter()
@@ -196,9 +243,51 @@ def step_bench(a) -> dict:
         audio = (0.05 * rng.standard_normal(int(16000 * a.seconds))).astype(np.float32)
         sf.write(f"{root}/{i}.wav", audio, 16000)
         examples.append({"id": str(i), "audio_path": Path(f"{root}/{i}.wav"), "text": "what is two plus three " * 3, "answer": "5"})
+    return lalm, examples, build_s
+
+
+def sampler_bench(a) -> dict:
+    """--sampler: cord.sample alone as rollouts() calls it (B prompts x (1 + G) rows at tau 1.0 / 1.5), eager
+    (off) then fast (on), `a.steps` timed calls each after one warm-up; then both samplers' greedy rows (n = 1)."""
+    lalm, examples, build_s = bench_setup(a)
+    if a.lora:
+        cord.configure_trainable(lalm, "lora")
+    lalm.model.eval()
+    device, taus, T = lalm.device, [1.0] + [1.5] * a.group_size, a.max_new_tokens
+    out = {"model": a.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": a.dtype,
+           "prompts": a.prompts, "rows": a.prompts * len(taus), "max_new_tokens": T, "lora": a.lora, "build_s": round(build_s, 1)}
+    if a.bandwidth_gbs is None and device.type == "cuda" and "H200" in torch.cuda.get_device_name():
+        a.bandwidth_gbs = 4800.0  # H200 SXM: 4.8 TB/s HBM3e
+    with torch.no_grad():
+        P = cord.build_prompts(lalm, examples, cord.Args.instruction)
+        x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])  # (B, S, C)
+        for mode in ("off", "on"):
+            timer = DecodeTimer(cord.sample, device)
+            for _ in range(1 + a.steps):
+                timer(lalm, x, P["audio_mask"], len(taus), taus, T, fast=mode)
+            calls = timer.calls[1:]
+            r = bandwidth_figures(calls, decode_weight_bytes(lalm), kv_bytes_per_token(lalm), a.bandwidth_gbs)
+            r["rollout_tokens_per_s"] = round(sum(c[4] for c in calls) / sum(c[2] for c in calls), 1)
+            r["seconds_per_call"] = round(sum(c[2] for c in calls) / len(calls), 3)
+            out[mode] = r
+            print(json.dumps({mode: r}), flush=True)
+        (y0, m0), (y1, m1) = (cord.sample(lalm, x, P["audio_mask"], 1, 0.0, T, fast=mode) for mode in ("off", "on"))
+    n = min(y0.shape[1], y1.shape[1])
+    same = ((y0[:, :n] == y1[:, :n]) | ~(m0[:, :n] | m1[:, :n])).cumprod(1).sum(1)  # (B,) tokens equal before the first difference
+    out["greedy_rows_equal"] = f"{int((same == n).sum())}/{len(same)}"
+    out["greedy_tokens_equal_before_first_difference"] = same.tolist()
+    out["speedup"] = round(out["on"]["rollout_tokens_per_s"] / out["off"]["rollout_tokens_per_s"], 2)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def step_bench(a) -> dict:
+    lalm, examples, build_s = bench_setup(a)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if (a.dtype == "bfloat16") else torch.float32
     args = cord.Args(model="bench", objective=a.objective, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                      batch_size=a.prompts, train="lora" if a.lora else "all", gradient_checkpointing=a.gradient_checkpointing,
-                     chunk_size=a.chunk_size, reward_ref="answer")
+                     chunk_size=a.chunk_size, reward_ref="answer", compile_rollout=a.compile_rollout)
     params = cord.configure_trainable(lalm, args.train, args.lora_r)
     if a.gradient_checkpointing:
         lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -206,8 +295,11 @@ def step_bench(a) -> dict:
     teacher, judges = cord.Teacher(lalm, args.teacher), cord.make_judge(args, lalm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rows = []
+    rows, timer = [], DecodeTimer(cord.sample, device)
+    cord.sample = timer  # rollouts() calls it by this name
     for step in range(a.warmup + a.steps):
+        if step == a.warmup:
+            timer.calls.clear()
         clock = plumbing.Clock(device)
         with clock("t_step"):
             opt.zero_grad(set_to_none=True)
@@ -226,6 +318,10 @@ def step_bench(a) -> dict:
     new_tokens = mean("rollout_tokens")
     out["rollout_tokens_per_s"] = round(new_tokens / out["t_rollout"], 1) if out["t_rollout"] else None
     out["peak_memory_gb"] = round(peak_memory_mb(device) / 1024, 2)
+    if a.bandwidth_gbs is None and device.type == "cuda" and "H200" in torch.cuda.get_device_name():
+        a.bandwidth_gbs = 4800.0  # H200 SXM: 4.8 TB/s HBM3e
+    out.update(bandwidth_figures(timer.calls, decode_weight_bytes(lalm), kv_bytes_per_token(lalm), a.bandwidth_gbs),
+               compile_rollout=a.compile_rollout)
     out.update(model=a.model, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
                prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens, lora=a.lora,
                gradient_checkpointing=a.gradient_checkpointing, build_s=round(build_s, 1),
@@ -248,12 +344,15 @@ def main():
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile-rollout", default="auto", choices=["auto", "on", "off"], help="cord.Args.compile_rollout")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth, GB/s (default: 4800 on an H200)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--loss-memory", action="store_true", help="naive vs chunked Eq. 2, separate processes")
     p.add_argument("--judge", action="store_true", help="time RuleJudge on 1,000 pairs")
+    p.add_argument("--sampler", action="store_true", help="time cord.sample alone, eager vs fast; compare their greedy rows")
     p.add_argument("--loss-memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--T", type=int, default=512)
@@ -266,7 +365,7 @@ def main():
     if a.loss_memory_child:
         print(json.dumps(loss_memory_child(a.loss_memory_child, a.V, a.T, a.B, a.C, a.dtype, a.device)))
         return
-    result = judge_bench() if a.judge else loss_memory(a) if a.loss_memory else step_bench(a)
+    result = judge_bench() if a.judge else loss_memory(a) if a.loss_memory else sampler_bench(a) if a.sampler else step_bench(a)
     if a.json:
         open(a.json, "w").write(json.dumps(result, indent=1))
 

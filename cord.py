@@ -120,6 +120,7 @@ class Args:
     batch_size: int = field(default=8, metadata={"help": "B: audio prompts per step"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
     chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (kernels.py); 0 = the plain reference"})
+    compile_rollout: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "rollouts: static KV cache + CUDA graph (kernels.py); auto = on CUDA"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     long_audio: Literal["refuse", "drop", "cut"] = field(default="refuse", metadata={"help": "clips over the encoder's window: cut = it hears their start"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
@@ -376,13 +377,16 @@ def rewards_for(judges, completions: list[str], refs: list, answers: list, mode:
 
 
 @torch.no_grad()
-def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int):
+def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int, fast: str = "off"):
     """y ~ pi(.|x): n samples per prompt from ONE prefill (KV cache repeated n times).
 
     temperature: a float or a list of n floats (row j of each prompt uses temperature[j]); 0 = greedy.
-    Returns y (B*n, T) and its mask (B*n, T), True up to and including EOS.
+    Returns y (B*n, T) and its mask (B*n, T), True up to and including EOS. fast: "on" | "auto" (on CUDA) | "off".
     """
     decoder, head = lalm.base.get_decoder(), lalm.base.get_output_embeddings()
+    pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
+    if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and kernels.static_supported(decoder)):  # static KV cache + CUDA graph
+        return kernels.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, lalm.eos_ids, lalm.suppress_ids, pad)
     pos = _positions(prompt_mask)  # (B, S)
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # transformers 5.24 renamed it
@@ -394,7 +398,6 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
     taus = torch.tensor([temperature] * n if isinstance(temperature, (int, float)) else temperature, device=h.device)
     tau = taus.repeat(prompt_embeds.shape[0])[:, None].float()  # (B*n, 1)
     eos, suppress = torch.tensor(lalm.eos_ids, device=h.device), torch.tensor(lalm.suppress_ids, device=h.device)
-    pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
     done = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)  # (B*n,)
     ys, alive = [], []
     for _ in range(max_new_tokens):
@@ -443,7 +446,7 @@ def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq:
     opd_row = use_tok and not (use_seq and args.opd_rollout == "group")
     taus = [args.temperature] * opd_row + [args.grpo_temperature] * (G if use_seq else 0)
     if taus:
-        y, m = sample(lalm, x_a, prompts["audio_mask"], len(taus), taus, args.max_new_tokens)  # (B*n, T)
+        y, m = sample(lalm, x_a, prompts["audio_mask"], len(taus), taus, args.max_new_tokens, fast=args.compile_rollout)  # (B*n, T)
         out.tokens = m.sum().item()
         y, m = y.view(B, len(taus), -1), m.view(B, len(taus), -1)  # (B, n, T): row 0 is the OPD row
         if opd_row:
@@ -453,7 +456,7 @@ def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq:
     if obj in ("sft", "fkl") or (use_seq and args.reward_ref != "answer"):
         tau_ref = args.temperature if obj == "fkl" else args.ref_temperature  # fkl: y ~ pi(.|x_t) on-text
         x_t = embed_prompts(lalm, prompts["text_ids"])  # (B, S_t, C)
-        out.ref = sample(lalm, x_t, prompts["text_mask"], 1, tau_ref, args.max_new_tokens)  # (B, T)
+        out.ref = sample(lalm, x_t, prompts["text_mask"], 1, tau_ref, args.max_new_tokens, fast=args.compile_rollout)  # (B, T)
     return out
 
 
@@ -636,8 +639,8 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
         prompts = build_prompts(lalm, batch, args.instruction, args.system_prompt)
         x_a = embed_prompts(lalm, prompts["audio_ids"], prompts["features"], prompts["feature_mask"])  # (B, S_a, C)
         x_t = embed_prompts(lalm, prompts["text_ids"])  # (B, S_t, C)
-        y_a, m_a = sample(lalm, x_a, prompts["audio_mask"], 1, 0.0, args.max_new_tokens)  # (B, T) greedy
-        y_t, m_t = sample(lalm, x_t, prompts["text_mask"], 1, 0.0, args.max_new_tokens)
+        y_a, m_a = sample(lalm, x_a, prompts["audio_mask"], 1, 0.0, args.max_new_tokens, fast=args.compile_rollout)  # (B, T) greedy
+        y_t, m_t = sample(lalm, x_t, prompts["text_mask"], 1, 0.0, args.max_new_tokens, fast=args.compile_rollout)
         D = token_reverse_kl(completion_logits(lalm, x_a, prompts["audio_mask"], y_a, m_a),  # (B, T) Eq. 2 on the audio rollout
                              completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size) if kl else y_a * 0.0
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):

@@ -1,4 +1,5 @@
-"""Memory-bounded exact KL and log-probs for cord.py: the same values and gradients as its plain reference functions (tested against them), without an fp32 (B, T, V) tensor.
+"""Fast versions of cord.py's reference functions, each tested against it: memory-bounded exact KL and log-probs
+(the same values and gradients, without an fp32 (B, T, V) tensor) and rollouts at the speed of the GPU.
 
 At V = 152k a full-vocabulary log-softmax in fp32 costs hundreds of MB per sequence (the paper's
 pitfalls), so `cord.train_step` uses these by default (`--chunk_size`). Each autograd function
@@ -8,8 +9,16 @@ saves only its inputs and recomputes the softmaxes chunk by chunk in backward. R
     D = chunked_kl(student_logits, teacher_logits, chunk=32)                     # (B, T) from (B, T, V) logits
     D, logp = fused_kl_and_logprobs(h_s, h_t, lm_head.weight, y, mask, 64)      # (B, T) from hidden states
 
-Standalone: imports torch only (never cord).
+`cord.sample`'s decode loop is a Python loop of small kernels over a growing cache, ~20x slower than
+reading the weights once per token allows; `static_sample` (`--compile_rollout`) runs the same
+sampler over a pre-allocated KV cache with each decode step replayed as one CUDA graph:
+
+    y, mask = static_sample(decoder, lm_head, x, x_mask, n, [0.0, 1.5], T, eos_ids, suppress_ids, pad_id)
+
+Standalone: imports torch only (never cord); the sampler drives any transformers decoder passed in.
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +141,139 @@ def fused_kl_and_logprobs(student_hidden, teacher_hidden, weight, y, mask, chunk
     W_t = (weight if teacher_weight is None else teacher_weight).detach()
     D, logp = _FusedHead.apply(student_hidden.reshape(B * T, C), h_t, weight, W_t, y.reshape(B * T), chunk_size)  # (R,), (R,)
     return D.view(B, T) * mask, logp.view(B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: cord.sample's loop over a pre-allocated KV cache, one CUDA graph per decode step.
+# N = B * n rows, S prompt length, L >= S + T cache columns, H_kv key/value heads, D head size.
+
+
+class StaticKV:
+    """A pre-allocated KV cache: (N, H_kv, L, D) keys and values per layer, filled from the prefill's cache.
+
+    Duck-typed for the transformers decoders: handed its masks as a dict (no mask building) and its
+    position ids, a decoder only calls `update`. Every layer writes the current token at column `t`,
+    a (1,) tensor advanced on the device, so a captured graph replays at the right column.
+    """
+
+    def __init__(self, prefill_layers, n: int, L: int):  # [(keys, values) (B, H_kv, S, D)] per layer
+        S = prefill_layers[0][0].shape[2]
+        self.layers = []
+        for k, v in prefill_layers:
+            K, V = (x.new_zeros(x.shape[0] * n, x.shape[1], L, x.shape[3]) for x in (k, v))  # (N, H_kv, L, D)
+            K[:, :, :S], V[:, :, :S] = k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)
+            self.layers.append((K, V))
+        self.t = torch.full((1,), S, dtype=torch.long, device=K.device)  # the next column to write
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (N, H_kv, 1, D) -> (N, H_kv, L, D)
+        K, V = self.layers[layer_idx]
+        K.index_copy_(2, self.t, key_states), V.index_copy_(2, self.t, value_states)
+        return K, V
+
+
+def sample_tokens(logits, tau):  # (N, V), (N, 1) -> (N,)
+    """y ~ softmax(logits / tau) per row, argmax where tau = 0: torch.multinomial(p, 1)'s own method
+    (argmax p / q, q ~ Exp(1)), hence the same draw for the same RNG state, without its host-side checks."""
+    probs = torch.softmax(logits / tau.clamp(min=1e-5), -1)  # (N, V)
+    q = torch.empty_like(probs).exponential_(1)  # (N, V)
+    return torch.where(tau[:, 0] > 0, (probs / q).argmax(-1), logits.argmax(-1))
+
+
+class _Decode:
+    """The state of one static_sample call, allocated once; step() only writes into it (graph-capturable)."""
+
+    def __init__(self, decoder, head, h, kv: StaticKV, mask, pos, tau, eos, bias, pad: int, T: int):
+        self.decoder, self.head, self.h, self.kv, self.mask, self.pos = decoder, head, h, kv, mask, pos
+        self.tau, self.eos, self.bias, self.pad, self.S = tau, eos, bias, pad, int(kv.t)
+        params = inspect.signature(decoder.forward).parameters
+        self.kw = {"cache" if "cache" in params else "past_key_values": kv}  # transformers 5 renamed it
+        if "cache_position" in params:  # transformers 4: where the token goes (our cache knows it already)
+            self.kw["cache_position"] = kv.t
+        N = h.shape[0]
+        self.done = torch.zeros(N, dtype=torch.bool, device=h.device)  # (N,)
+        self.ys = torch.full((N, T), pad, dtype=torch.long, device=h.device)  # (N, T)
+        self.alive = torch.zeros(N, T, dtype=torch.bool, device=h.device)  # (N, T)
+
+    def step(self):  # sample token i = t - S of every row from h, then run the decoder on it -> the next h
+        y = sample_tokens(self.head(self.h).float() + self.bias, self.tau).masked_fill(self.done, self.pad)  # (N,)
+        i = self.kv.t - self.S  # (1,)
+        self.ys.index_copy_(1, i, y[:, None]), self.alive.index_copy_(1, i, ~self.done[:, None])
+        self.done |= (y[:, None] == self.eos).any(-1)
+        self.mask.index_fill_(-1, self.kv.t, 0.0)  # column t (token y) becomes visible
+        self.pos += 1
+        out = self.decoder(input_ids=y[:, None], attention_mask={"full_attention": self.mask}, position_ids=self.pos,
+                           use_cache=True, **self.kw)
+        self.h.copy_(out.last_hidden_state[:, -1])
+        self.kv.t += 1
+
+
+def _capture(step):  # -> replay of step() as one CUDA graph (step has run on this device before)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            step()
+    except RuntimeError as e:  # an op in the model's forward that syncs with the host cannot be captured
+        raise RuntimeError(f"capturing the decode step as a CUDA graph failed (--compile_rollout off runs eager): {e}") from e
+    return g.replay
+
+
+@torch.no_grad()
+def static_supported(decoder) -> bool:
+    """Whether static_sample can run this decoder: full attention in every layer, sdpa or eager kernels (no flash-attention)."""
+    cfg = decoder.config
+    return set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"} and \
+        getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int,
+                  eos_ids, suppress_ids, pad_id: int, graph=None, check_every: int = 16, warmup: int = 2):
+    """cord.sample's rollouts (same arguments, semantics and return) with a static KV cache and no host sync per token.
+
+    The prefill is cord.sample's; its keys/values are copied n times into a StaticKV of S + T columns (or a few more).
+    Each decode step (sample from h, record, one decoder forward) only writes into pre-allocated
+    tensors, so on CUDA (graph=None: when the prompt is there and the decoder is not FSDP-sharded) it is
+    captured once as a CUDA graph, after `warmup` real steps, and replayed. What differs from the eager sampler:
+    - attention runs over all L columns, the unwritten ones masked (exact zeros): equal up to float
+      rounding, not bit for bit;
+    - `done.all()` is read every `check_every` tokens, not every token: up to check_every - 1 extra
+      steps whose tokens are all padding; the output is trimmed to the eager length;
+    - tokens are drawn as torch.multinomial draws them (same tokens for the same RNG state), but the
+      extra steps draw too, so the RNG state after the call differs; in a CUDA graph the draws come
+      from the graph's own Philox offsets (same distribution, not the same numbers as eager);
+    - decoders with sliding-window layers or flash-attention are refused (run eager).
+    """
+    if not static_supported(decoder):
+        raise ValueError("static_sample needs full attention with sdpa/eager kernels: use --compile_rollout off (or auto)")
+    B, S, _ = prompt_embeds.shape
+    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): cord._positions
+    out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    L = -(-(S + max_new_tokens) // 16) * 16  # columns, rounded up to 16: aligned rows for the attention kernels' mask
+    kv = StaticKV([(layer.keys, layer.values) for layer in cache.layers], n, L)
+    h = out.last_hidden_state[:, -1].repeat_interleave(n, 0)  # (N, C)
+    del out, cache
+    dev, dtype = h.device, prompt_embeds.dtype
+    mask = torch.full((B * n, 1, 1, L), torch.finfo(dtype).min, dtype=dtype, device=dev)  # (N, 1, 1, L)
+    mask[:, 0, 0, :S].masked_fill_(prompt_mask.repeat_interleave(n, 0).bool(), 0.0)  # additive: 0 = attend
+    taus = torch.tensor([temperature] * n if isinstance(temperature, (int, float)) else temperature, device=dev)
+    bias = torch.zeros(head.weight.shape[0], device=dev)  # (V,)
+    bias[torch.tensor(suppress_ids, dtype=torch.long, device=dev)] = float("-inf")
+    s = _Decode(decoder, head, h, kv, mask, pos[:, -1:].repeat_interleave(n, 0), taus.repeat(B)[:, None].float(),
+                torch.tensor(eos_ids, device=dev), bias, pad_id, max_new_tokens)
+    if graph is None:  # FSDP's gather hooks around each layer are not captured: sharded decoders run uncaptured
+        graph = dev.type == "cuda" and not any(type(m).__name__.startswith("FSDP") for m in decoder.modules())
+    run, start = s.step, 0
+    if graph and max_new_tokens > warmup:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # real steps that also warm up (allocator, cuBLAS) before the capture
+            for _ in range(warmup):
+                s.step()
+        torch.cuda.current_stream().wait_stream(side)
+        run, start = _capture(s.step), warmup
+    for i in range(start, max_new_tokens):
+        run()
+        if (i + 1) % check_every == 0 and s.done.all():  # the only host sync in the loop
+            break
+    T = int(s.alive.any(0).sum())  # eager stops after the step where every row is done
+    return s.ys[:, :T], s.alive[:, :T]

@@ -579,7 +579,7 @@ def yhat_text(b):  # y_hat ~ pi(.|x_t) of prompt b
 def fixed_sample(lalm):
     """Stands in for cord.sample: sample j of prompt b is fixed text naming b (and j), right-padded, EOS included."""
 
-    def fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens):  # max_new_tokens ignored: fixed texts
+    def fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, fast="off"):  # max_new_tokens ignored: fixed texts
         B = prompt_embeds.shape[0]
         if isinstance(temperature, list):  # x_a: one tau per sample, the OPD row at tau, the GRPO rows at tau_grpo
             assert len(temperature) == n and set(temperature) <= {Args.temperature, Args.grpo_temperature}

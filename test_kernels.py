@@ -1,10 +1,13 @@
-"""kernels.py: the memory-bounded functions give the reference functions' values and gradients (cord.py's plain ones)."""
+"""kernels.py against cord.py's reference functions: the memory-bounded ones give the same values and gradients,
+static_sample the same rollouts as cord.sample."""
 import pytest
 import torch
 
+import cord
 from conftest import rand_case
 from cord import token_forward_kl, token_logprobs, token_reverse_kl
-from kernels import fused_kl_and_logprobs
+from data_gen import load_manifest
+from kernels import fused_kl_and_logprobs, sample_tokens, static_sample
 
 
 @pytest.mark.parametrize("fn", [token_reverse_kl, token_forward_kl])
@@ -66,3 +69,107 @@ def test_fused_head_equals_logits_path():
         results.append((D.detach(), lp.detach(), h1.grad, W1.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# static_sample: cord.sample over a static KV cache (the CUDA graph needs a GPU: the last test)
+
+
+def test_sample_tokens_draws_like_multinomial_with_the_softmax_distribution():
+    """Fixed logits, 20,000 rows: the same tokens as torch.multinomial for the same seed, frequencies within a
+    chi-square bound (p = 1e-6) of softmax(logits / tau) and far outside it for a wrong tau; tau = 0 is argmax."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]).expand(20000, 6)  # token 5 suppressed
+    tau = torch.full((20000, 1), 1.5)
+    torch.manual_seed(0)
+    y = sample_tokens(logits, tau)  # (20000,)
+    torch.manual_seed(0)
+    assert torch.equal(y, torch.multinomial(torch.softmax(logits / 1.5, -1), 1)[:, 0])
+    counts = torch.bincount(y, minlength=6).double()
+    assert counts[5] == 0
+    chi2 = lambda p: (((counts[:5] - 20000 * p[:5]) ** 2) / (20000 * p[:5])).sum().item()  # 4 degrees of freedom
+    assert chi2(torch.softmax(logits[0].double() / 1.5, -1)) < 30.9  # 30.9 = chi2.isf(1e-6, df=4)
+    assert chi2(torch.softmax(logits[0].double() / 1.0, -1)) > 30.9 * 5  # the bound has the power to see tau
+    assert (sample_tokens(logits[:3], torch.tensor([[0.0], [1e-9], [0.0]])) == 0).all()  # greedy rows
+
+
+def fast(lalm, x, mask, n, tau, T, **kw):  # kernels.static_sample with cord.sample's arguments
+    return static_sample(lalm.base.get_decoder(), lalm.base.get_output_embeddings(), x, mask, n, tau, T,
+                         lalm.eos_ids, lalm.suppress_ids, lalm.tokenizer.pad_token_id, **kw)
+
+
+def loaded(model_dir, manifest, eos_logit=0.0):  # lalm with a fresh untied head, 3 left-padded audio prompts, x_a
+    """The tiny fixtures' greedy path repeats one token; a random untied head (scale 0.5) gives varied
+    greedy paths. eos_logit: a bias added to EOS's logit."""
+    lalm = cord.load_lalm(str(model_dir))
+    lalm.model.eval()
+    head = lalm.base.get_output_embeddings()
+    torch.manual_seed(1)
+    head.weight = torch.nn.Parameter(torch.randn_like(head.weight) * 0.5, requires_grad=False)
+    head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]), requires_grad=False)
+    head.bias[lalm.eos_ids[0]] = eos_logit
+    P = cord.build_prompts(lalm, load_manifest(str(manifest))[:3], cord.Args.instruction)
+    assert len(set(P["audio_mask"].sum(1).tolist())) > 1  # prompts of different lengths: left padding
+    with torch.no_grad():
+        return lalm, P, cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", "omni"])
+def test_static_sampler_equals_eager_sampler_and_generate(family, speech_data, qwen2_audio_dir, omni_dir):
+    """Temperatures 0, 1, 0, 1.5 per prompt: for the same seed cord.sample(fast="on") returns the eager sampler's
+    tokens and mask (the sampled rows too); the greedy rows are generate's."""
+    lalm, P, x = loaded(qwen2_audio_dir if family == "qwen2_audio" else omni_dir, speech_data)
+    taus, T = [0.0, 1.0, 0.0, 1.5], 10
+    torch.manual_seed(0)
+    y_e, m_e = cord.sample(lalm, x, P["audio_mask"], 4, taus, T)  # (12, T)
+    torch.manual_seed(0)
+    y_f, m_f = cord.sample(lalm, x, P["audio_mask"], 4, taus, T, fast="on")  # -> kernels.static_sample
+    assert torch.equal(y_f, y_e) and torch.equal(m_f, m_e)
+    assert len({tuple(r) for r in y_f[0::4].tolist()} | {tuple(r) for r in y_f[1::4].tolist()}) > 2  # not one path
+    ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], input_features=P["features"],
+                              feature_attention_mask=P["feature_mask"], max_new_tokens=T, do_sample=False,
+                              suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids, pad_token_id=lalm.tokenizer.pad_token_id)
+    ref = ref[:, P["audio_ids"].shape[1]:]  # (3, T)
+    for b in range(3):
+        for j in (0, 2):  # the greedy rows
+            row = y_f[4 * b + j][m_f[4 * b + j]]
+            assert row.tolist() == ref[b, :len(row)].tolist()
+
+
+def test_static_sampler_eos_padding_suppression_and_length(speech_data, qwen2_audio_dir):
+    """EOS made likely, the audio placeholder the most likely token: every row ends before T = 20; rows are
+    padded after their EOS, the mask is True up to and including it, no suppressed token is drawn, and
+    the output has the eager length and values whether done is read every token or every 16."""
+    lalm, P, x = loaded(qwen2_audio_dir, speech_data, eos_logit=10.0)
+    head, pad = lalm.base.get_output_embeddings(), lalm.tokenizer.pad_token_id
+    head.weight[lalm.audio_token_id] = 50 * lalm.base.get_decoder().norm.weight
+    outs = []
+    for run in (lambda: cord.sample(lalm, x, P["audio_mask"], 5, 1.5, 20), lambda: fast(lalm, x, P["audio_mask"], 5, 1.5, 20),
+                lambda: fast(lalm, x, P["audio_mask"], 5, 1.5, 20, check_every=1)):
+        torch.manual_seed(3)
+        outs.append(run())
+    (y, m), T = outs[0], outs[0][0].shape[1]
+    for y_f, m_f in outs[1:]:
+        assert torch.equal(y_f, y) and torch.equal(m_f, m)
+    lengths = m.sum(1)  # (15,)
+    assert T < 16 and len(set(lengths.tolist())) > 2  # all ended, at different steps, before the first check
+    assert torch.equal(m, torch.arange(T)[None] < lengths[:, None])  # True up to and including EOS
+    assert (y[torch.arange(15), lengths - 1] == lalm.eos_ids[0]).all() and (y[~m] == pad).all()
+    assert not torch.isin(y[m], torch.tensor(lalm.suppress_ids)).any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_sampler_matches_eager_on_gpu(speech_data, qwen2_audio_dir):
+    """On CUDA the decode step is one captured graph: greedy rows equal the eager sampler's; sampled rows end,
+    pad and avoid suppressed tokens like them (graph RNG: same distribution, other numbers)."""
+    lalm, P, x = loaded(qwen2_audio_dir, speech_data, eos_logit=6.0)
+    lalm.model.cuda()
+    with torch.no_grad():
+        x = cord.embed_prompts(lalm, P["audio_ids"].cuda(), P["features"].cuda(), P["feature_mask"].cuda())
+    mask = P["audio_mask"].cuda()
+    y_e, m_e = cord.sample(lalm, x, mask, 3, [0.0, 1.5, 0.0], 40)
+    y_f, m_f = fast(lalm, x, mask, 3, [0.0, 1.5, 0.0], 40, graph=True)
+    greedy = torch.tensor([0, 2, 3, 5, 6, 8], device="cuda")
+    T = int(m_e[greedy].sum(1).max())
+    assert torch.equal(y_f[greedy, :T], y_e[greedy, :T]) and torch.equal(m_f[greedy, :T], m_e[greedy, :T])
+    assert (y_f[~m_f] == lalm.tokenizer.pad_token_id).all()
+    assert not torch.isin(y_f[m_f], torch.tensor(lalm.suppress_ids, device="cuda")).any()
