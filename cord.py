@@ -21,11 +21,10 @@ Departures from the paper (each switchable unless noted):
  3. `--reward_ref answer` (or `both`) uses the ground-truth answer instead of / besides y_hat.
  4. Eq. 7 is normalised by sum_t w_t (`--normalize weights`) so alpha = beta = 1 is exactly Eq. 3;
     `--normalize length` divides by T instead.
- 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient, at a
-    temperature the paper does not give. The GRPO log-probs use logits / tau_grpo, the policy that sampled
-    the rollouts (`--grpo_logp_temperature sampling`, as TRL and verl do): only then is A_i grad log pi(y_i)
-    the policy gradient of the distribution whose rewards were measured (`one`: tau = 1, as before). The
-    KL of Eq. 2 uses temperature-1 logits: the text teacher's own distribution is the target.
+ 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient, at a temperature
+    the paper does not give: the GRPO log-probs use logits / tau_grpo, the policy that sampled the rollouts
+    (`--grpo_logp_temperature sampling`, as TRL and verl do), for only then is A_i grad log pi(y_i) the policy
+    gradient of the distribution whose rewards were measured (`one`: tau = 1). Eq. 2's KL uses temperature 1.
  6. GRPO advantages divide by std + 1e-4 by default (`--adv_scale none`: Dr. GRPO / the paper's
     Eq. 9 as written).
  7. The OPD rollout (tau = 1.0) and the G GRPO rollouts (tau = 1.5) share one prefill per prompt
@@ -36,7 +35,8 @@ Departures from the paper (each switchable unless noted):
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
 10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
     wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
-11. The losses run through memory-bounded kernels (kernels.py): same values and gradients (`--chunk_size 0`: the reference).
+11. kernels.py: the losses in bounded memory, same values and gradients (`--chunk_size 0`: the reference functions);
+    on CUDA the rollouts over a static KV cache, one CUDA graph per token, same semantics (`--compile_rollout off`: eager).
 The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo.py says which.
 """
 from __future__ import annotations
@@ -357,18 +357,11 @@ def rewards_for(judges, completions: list[str], refs: list, answers: list, mode:
     Rows without a ground-truth answer fall back to y_hat.
     """
     judge_text, judge_gt = judges
+    if mode == "answer" and None in answers:
+        raise SystemExit("--reward_ref answer: an example has no 'answer'; use --reward_ref text or both")
     r_text = judge_text(completions, refs) if mode != "answer" else [None] * len(completions)
-    if mode == "text":
-        return torch.tensor(r_text, dtype=torch.float32)
-    r = []
-    for c, ref, a, rt in zip(completions, refs, answers, r_text):
-        if a is None:
-            if rt is None:
-                raise SystemExit("--reward_ref answer: an example has no 'answer'; use --reward_ref text or both")
-            r.append(rt)
-        else:
-            rg = judge_gt([c], [str(a)])[0]
-            r.append(rg if mode == "answer" else min(rg, rt))
+    r_gt = [rt if a is None else judge_gt([c], [str(a)])[0] for c, a, rt in zip(completions, answers, r_text)] if mode != "text" else None
+    r = r_text if mode == "text" else r_gt if mode == "answer" else [min(g, t) for g, t in zip(r_gt, r_text)]
     return torch.tensor(r, dtype=torch.float32)
 
 
@@ -670,8 +663,7 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
     s.update(kl_statistics(torch.cat(D_all) if D_all else torch.zeros(1), D_pos, tok_kl, lalm.tokenizer))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(out_dir) / "items.jsonl", "w") as f:
-            f.writelines(json.dumps(it) + "\n" for it in items)
+        (Path(out_dir) / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
         (Path(out_dir) / "summary.json").write_text(json.dumps(s, indent=1))
     return s
 
@@ -710,17 +702,15 @@ def parse_args(argv=None) -> Args:
                  (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
                  (args.report_to != "none" and not importlib.util.find_spec(args.report_to), f"--report_to {args.report_to}: pip install {args.report_to}"),
                  (any(o not in OBJECTIVES for o in args.compare_objectives.split(",")), f"--compare_objectives {args.compare_objectives}: choose from {', '.join(OBJECTIVES)}")]
-    for bad, message in problems:
-        if bad:
-            parser.error(f"argument {message}")
+    if any(bad for bad, _ in problems):
+        parser.error(f"argument {next(message for bad, message in problems if bad)}")
     return replace(args, chunk_size=args.chunk_size or None)  # 0: the reference functions, no chunking
 
 
 def setup(args: Args) -> LALM:
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # every rank alike: same init
     device = plumbing.init_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return load_lalm(args.model, dtype, device, args.trust_remote_code)
 
 

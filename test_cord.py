@@ -156,6 +156,23 @@ def test_grpo_advantages_vs_loop():
     assert grpo_advantages(r, 4)[4:8].abs().max() == 0  # all-equal group: no gradient
 
 
+def test_rewards_for_every_reference_mode_vs_a_slow_loop():
+    """Eq. 8 with --reward_ref text | answer | both, against a per-row loop: text judges y_i against y_hat; answer
+    against the ground truth; both needs the two; a row without a ground truth falls back to y_hat (answer: refused)."""
+    same = lambda preds, refs: [float(p == r) for p, r in zip(preds, refs)]  # a judge: exact string match
+    completions, refs, answers = ["5", "5", "3", "7"], ["5", "4", "3", "1"], ["5", "5", None, "1"]
+    slow = {"text": [same([c], [r])[0] for c, r in zip(completions, refs)],
+            "answer": [same([c], [a])[0] for c, a in zip(completions, answers[:2] + ["-"] + answers[3:])]}
+    slow["both"] = [min(t, g) if a is not None else t for t, g, a in zip(slow["text"], slow["answer"], answers)]
+    assert slow == {"text": [1, 0, 1, 0], "answer": [1, 1, 0, 0], "both": [1, 0, 1, 0]}
+    for mode in ("text", "both"):
+        assert cord.rewards_for((same, same), completions, refs, answers, mode).tolist() == slow[mode], mode
+    with_answers = [a or "3" for a in answers]
+    assert cord.rewards_for((same, same), completions, [None] * 4, with_answers, "answer").tolist() == [1, 1, 1, 0]
+    with pytest.raises(SystemExit, match="--reward_ref answer: an example has no 'answer'"):
+        cord.rewards_for((same, same), completions, [None] * 4, answers, "answer")
+
+
 def test_grpo_loss_vs_slow_loop_with_clipping():
     g = torch.Generator().manual_seed(6)
     logp = (torch.randn(4, 5, generator=g) * 0.3 - 1).requires_grad_(True)
