@@ -157,8 +157,8 @@ def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_pro
     """
     tok, fe = lalm.tokenizer, lalm.feature_extractor
     audio = [load_audio(ex["audio_path"], fe.sampling_rate) for ex in examples]
-    feats = fe(audio, sampling_rate=fe.sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
-    _, n_audio = lalm.audio_tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))  # (B,)
+    features, feature_mask = lalm.extract_features(audio)  # (B, M, F), (B, F): the family's features (families.py)
+    n_audio = lalm.audio_token_counts(feature_mask)  # (B,) placeholders per clip
     placeholder = tok.convert_ids_to_tokens(lalm.audio_token_id)
     audio_texts, text_texts = [], []
     for ex, n in zip(examples, n_audio.tolist()):
@@ -172,7 +172,7 @@ def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_pro
     a, t = enc(audio_texts), enc(text_texts)
     dev = lalm.device
     return dict(audio_ids=a["input_ids"].to(dev), audio_mask=a["attention_mask"].to(dev),
-                features=feats["input_features"].to(dev, lalm.model.dtype), feature_mask=feats["attention_mask"].to(dev),
+                features=features.to(dev, lalm.model.dtype), feature_mask=feature_mask.to(dev),
                 text_ids=t["input_ids"].to(dev), text_mask=t["attention_mask"].to(dev))
 
 

@@ -1,11 +1,15 @@
-"""families.py: loading audio LLMs the same way on transformers 4.57 and 5.x (parts, tied heads, save -> load), and the
-whole prompt -> sample -> train path at Qwen2-Audio's real vocabulary (tokenizer, chat template, 156,032-row head)."""
+"""families.py: loading audio LLMs the same way on transformers 4.57 and 5.x (parts, tied heads, save -> load); the
+whole prompt -> sample -> train path at Qwen2-Audio's real vocabulary (tokenizer, chat template, 156,032-row head); and
+every supported family's conformance on a tiny random model of its real class (logits, sampler, every objective,
+save -> load), with Step-Audio-2 checked against a stand-in of its remote-code interface."""
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -334,3 +338,390 @@ def test_one_cord_step_at_the_real_vocabulary(real_lalm, speech_data, monkeypatc
     transcript_only = set(P["text_ids"][P["text_mask"].bool()].tolist()) - read
     assert 151644 in moved and 151646 not in moved and moved <= read
     assert transcript_only and not transcript_only & moved and not {i for i in moved if i >= 151649}
+
+
+# ----------------------------------------------------------------------------------------------
+# Every family: a tiny random model of its real class (hidden 32, one text and one audio layer), saved as a checkpoint
+# with the tiny tokenizer and Whisper features of conftest's Qwen2-Audio (its <|AUDIO|> as the placeholder), loaded
+# back by families.load_lalm. Four conformance checks each: aligned completion logits = the model's own forward on
+# every prefix; greedy cord.sample = model.generate; one train_step of every objective; save -> load is exact.
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+
+
+def whisper_encoder(fe, **extra):  # the Whisper-style encoders' config: one layer, d = 32
+    return dict(dict(num_mel_bins=fe.feature_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, hidden_size=32,
+                     max_source_positions=fe.nb_max_frames // 2), **extra)
+
+
+def qwen3_audio_encoder(fe):  # Qwen3-Omni / Qwen3-ASR: stride-8 conv stack, chunks of 2 * n_window frames
+    return dict(num_mel_bins=fe.feature_size, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                output_dim=32, n_window=50, n_window_infer=100, downsample_hidden_size=8, max_source_positions=fe.nb_max_frames // 2)
+
+
+def tiny_qwen3_omni_moe_thinker(T, tok, fe, audio_id):
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+    text = dict(TEXT, vocab_size=len(tok), moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1,
+                rope_scaling=dict(rope), rope_parameters=dict(rope))  # 4.57 reads rope_scaling, 5.x rope_parameters
+    return T.Qwen3OmniMoeThinkerForConditionalGeneration(T.Qwen3OmniMoeThinkerConfig(
+        audio_config=qwen3_audio_encoder(fe), text_config=text, audio_token_id=audio_id,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[0]),
+        audio_start_token_id=tok.convert_tokens_to_ids("<|audio_bos|>"),
+        vision_start_token_id=tok.pad_token_id, image_token_id=tok.pad_token_id, video_token_id=tok.pad_token_id))
+
+
+def tiny_audioflamingo3(T, tok, fe, audio_id):
+    return T.AudioFlamingo3ForConditionalGeneration(T.AudioFlamingo3Config(
+        audio_config=whisper_encoder(fe), text_config=dict(TEXT, model_type="qwen2", vocab_size=len(tok)), audio_token_id=audio_id))
+
+
+def tiny_qwen3_asr(T, tok, fe, audio_id):
+    return T.Qwen3ASRForConditionalGeneration(T.Qwen3ASRConfig(
+        audio_config=qwen3_audio_encoder(fe), text_config=dict(TEXT, model_type="qwen3", head_dim=8, vocab_size=len(tok)),
+        audio_token_id=audio_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+
+
+def tiny_voxtral(T, tok, fe, audio_id):  # its projector merges intermediate_size / hidden_size = 4 encoder frames
+    return T.VoxtralForConditionalGeneration(T.VoxtralConfig(
+        audio_config=whisper_encoder(fe, intermediate_size=128), text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)),
+        audio_token_id=audio_id))
+
+
+def tiny_glmasr(T, tok, fe, audio_id):
+    audio = dict(num_mel_bins=fe.feature_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, hidden_size=32,
+                 max_position_embeddings=fe.nb_max_frames // 2)
+    return T.GlmAsrForConditionalGeneration(T.GlmAsrConfig(
+        audio_config=audio, text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)), audio_token_id=audio_id))
+
+
+# family -> (class name in transformers, builder); None: conftest's fixture (qwen2_audio_dir, omni_dir)
+NATIVE = {"qwen2_audio": ("Qwen2AudioForConditionalGeneration", None),
+          "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerForConditionalGeneration", None),
+          "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerForConditionalGeneration", tiny_qwen3_omni_moe_thinker),
+          "audioflamingo3": ("AudioFlamingo3ForConditionalGeneration", tiny_audioflamingo3),
+          "qwen3_asr": ("Qwen3ASRForConditionalGeneration", tiny_qwen3_asr),
+          "voxtral": ("VoxtralForConditionalGeneration", tiny_voxtral),
+          "glmasr": ("GlmAsrForConditionalGeneration", tiny_glmasr)}
+FAMILIES = [*NATIVE, "step_audio_2"]
+
+
+# Step-Audio-2 stand-in: our own minimal model code with the interface of Step-Audio-2-mini's published remote code
+# (module names encoder / adapter / model / lm_head, config keys text_config + audio_encoder_config, forward(input_ids,
+# wavs, wav_lens), encoder outputs written after <audio_start>), loaded through trust_remote_code. Not its weights,
+# not its tokenizer, not its exact layers.
+STEP_CONFIG_PY = '''
+from transformers import PretrainedConfig, Qwen2Config
+
+
+class StepAudio2Config(PretrainedConfig):
+    model_type = "step_audio_2"
+
+    def __init__(self, audio_encoder_config=None, text_config=None, audio_start_token_id=None, **kwargs):
+        super().__init__(**kwargs)
+        self.audio_encoder_config = audio_encoder_config or {}
+        self.text_config = text_config if isinstance(text_config, Qwen2Config) else Qwen2Config(**(text_config or {}))
+        self.audio_start_token_id = audio_start_token_id
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["text_config"] = self.text_config.to_dict()
+        return out
+'''
+
+STEP_MODELING_PY = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, Qwen2Model
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_step_audio_2 import StepAudio2Config
+
+
+class Block(nn.Module):  # pre-norm self-attention + MLP over audio frames, padded frames masked out of the keys
+    def __init__(self, d, heads):
+        super().__init__()
+        self.attn_ln, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp_ln, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, pad):
+        h = self.attn_ln(x)
+        x = x + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):  # (B, n_mels, F) mels, (B,) lengths -> (B, F/4, d), (B,)
+    def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, n_state, 3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, 3, stride=2, padding=1)
+        self.positional_embedding = nn.Embedding(n_ctx, n_state)
+        self.blocks = nn.ModuleList([Block(n_state, n_head) for _ in range(n_layer)])
+        self.avg_pooler = nn.AvgPool1d(2, stride=2)
+        self.after_norm = nn.LayerNorm(n_state)
+
+    def forward(self, x, x_len):
+        T = x.shape[-1]
+        x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)  # (B, F/2, d)
+        pad = ~(torch.arange(T, device=x.device)[None] < x_len[:, None])[:, (T + 1) % 2::2]
+        x = x + self.positional_embedding.weight[: x.shape[1]]
+        for block in self.blocks:
+            x = block(x, pad)
+        x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
+        return self.after_norm(x), (x_len + 1) // 2 // 2
+
+
+class Adaptor(nn.Module):  # conv (k, stride) -> linear -> relu -> linear to the LM width
+    def __init__(self, n_state, n_hidden, kernel_size, stride):
+        super().__init__()
+        self.conv = nn.Conv1d(n_state, n_state, kernel_size, stride, padding=1)
+        self.linear1, self.relu, self.linear2 = nn.Linear(n_state, 64), nn.ReLU(), nn.Linear(64, n_hidden)
+
+    def forward(self, x):
+        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return self.linear2(self.relu(self.linear1(x)))
+
+
+class StepAudio2ForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = StepAudio2Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config):
+        super().__init__(config)
+        a = config.audio_encoder_config
+        self.model = Qwen2Model(config.text_config)
+        self.encoder = AudioEncoder(a["n_mels"], a["n_audio_ctx"], a["n_audio_state"], a["n_audio_head"], a["n_audio_layer"])
+        self.adapter = Adaptor(a["n_audio_state"], a["llm_dim"], a["kernel_size"], a["adapter_stride"])
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, wavs=None, wav_lens=None, attention_mask=None, position_ids=None, **kwargs):
+        h = self.model.embed_tokens(input_ids)
+        starts = torch.nonzero(input_ids == self.config.audio_start_token_id)
+        if wavs is not None and len(starts):  # the prefill: encoder outputs over the tokens after each <audio_start>
+            out, n = self.encoder(wavs, wav_lens)
+            out, n = self.adapter(out), (n - 1) // 2 + 1
+            h = h.clone()
+            for k, (i, s) in enumerate(starts.tolist()):
+                h[i, s + 1: s + 1 + n[k]] = out[k, : n[k]]
+        kwargs.pop("inputs_embeds", None)
+        out = self.model(inputs_embeds=h, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
+'''
+
+
+def tiny_step_audio_2(path, tok):
+    """The stand-in saved as a remote-code checkpoint (its code files + auto_map), tokenizer with Step's specials and no
+    chat template (the family's template applies), no feature extractor (the family computes its own mels)."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok.add_special_tokens({"additional_special_tokens": ["<|BOT|>", "<|EOT|>", "<audio_start>", "<audio_patch>", "<audio_end>"]})
+    tok.chat_template = None
+    (path / "configuration_step_audio_2.py").write_text(STEP_CONFIG_PY)
+    (path / "modeling_step_audio_2.py").write_text(STEP_MODELING_PY)
+    config = dict(model_type="step_audio_2", architectures=["StepAudio2ForCausalLM"],
+                  audio_start_token_id=tok.convert_tokens_to_ids("<audio_start>"),
+                  auto_map={"AutoConfig": "configuration_step_audio_2.StepAudio2Config",
+                            "AutoModelForCausalLM": "modeling_step_audio_2.StepAudio2ForCausalLM"},
+                  text_config=dict(TEXT, vocab_size=len(tok), tie_word_embeddings=False),
+                  audio_encoder_config=dict(n_mels=128, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                                            llm_dim=32, kernel_size=3, adapter_stride=2))
+    (path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=True), trust_remote_code=True)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|EOT|>")
+    model.save_pretrained(path), tok.save_pretrained(path)
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    tok_config.pop("processor_class", None)  # the tiny tokenizer's Qwen2AudioProcessor is not Step-Audio-2's
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+
+
+@pytest.fixture(scope="module")
+def step_dir(tmp_path_factory, qwen2_audio_dir):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("step_audio_2")
+    tiny_step_audio_2(path, AutoTokenizer.from_pretrained(qwen2_audio_dir))
+    return path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory, qwen2_audio_dir):
+    """(family, checkpoint folder) of each family; skipped where the installed transformers lacks its class."""
+    import transformers as T
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    family = request.param
+    cls, build = NATIVE.get(family, (None, None))
+    if cls and not hasattr(T, cls):
+        pytest.skip(f"transformers {T.__version__} has no {cls}")
+    if build is None:  # conftest's models, and the Step-Audio-2 stand-in
+        fixture = {"qwen2_audio": "qwen2_audio_dir", "qwen2_5_omni_thinker": "omni_dir"}.get(family, "step_dir")
+        return family, request.getfixturevalue(fixture)
+    tok, fe = AutoTokenizer.from_pretrained(qwen2_audio_dir), AutoFeatureExtractor.from_pretrained(qwen2_audio_dir)
+    path = tmp_path_factory.mktemp(family)
+    torch.manual_seed(0)
+    model = build(T, tok, fe, tok.convert_tokens_to_ids("<|AUDIO|>"))
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(path), tok.save_pretrained(path), fe.save_pretrained(path)
+    return family, path
+
+
+@pytest.fixture(scope="module")
+def family_batch(family_dir, speech_data):  # -> family, lalm, 3 examples, their prompts (cord.build_prompts)
+    family, path = family_dir
+    lalm = families.load_lalm(str(path), trust_remote_code=family == "step_audio_2")
+    lalm.model.eval()
+    examples = load_manifest(str(speech_data))[:3]
+    return family, lalm, examples, cord.build_prompts(lalm, examples, cord.Args.instruction)
+
+
+def own_audio_inputs(lalm, features, feature_mask):  # the model's own forward()/generate() arguments for its audio
+    if lalm.family.model_class is families.remote_code:  # Step-Audio-2: wavs + wav_lens (mel frames - 2)
+        return dict(wavs=features, wav_lens=feature_mask.sum(-1) - 2)
+    names = inspect.signature(lalm.model.forward).parameters
+    mask_kw = [k for k in ("feature_attention_mask", "input_features_mask") if k in names]  # Voxtral: none
+    return dict(input_features=features, **{k: feature_mask for k in mask_kw})
+
+
+def test_family_prompts_hold_one_placeholder_per_audio_embedding(family_batch):
+    """The family's token count (families.py) equals the rows its audio path returns, clip by clip."""
+    family, lalm, _, P = family_batch
+    n = lalm.audio_token_counts(P["feature_mask"])
+    assert ((P["audio_ids"] == lalm.audio_token_id).sum(-1) == n).all() and (n > 0).all()
+    with torch.no_grad():
+        for b in range(3):
+            one = lalm.audio_features(lalm.base, P["features"][b:b + 1], P["feature_mask"][b:b + 1])
+            assert one.shape == (n[b], lalm.base.get_input_embeddings().weight.shape[1])
+
+
+def test_family_aligned_logits_equal_the_models_own_forward(family_batch):
+    """cord.completion_logits of x_a and x_t, aligned on the same tokens, equal the model's own forward (its own audio
+    merge and positions: MRoPE for the Omni thinkers) on each prefix fed alone, for every family."""
+    family, lalm, _, P = family_batch
+    if family in ("qwen2_audio", "qwen2_5_omni_thinker"):
+        pytest.skip("the same check on the same model: test_cord.py::test_aligned_completion_logits_equal_per_prefix_forward")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+        y, m = cord.sample(lalm, x_a, P["audio_mask"], 1, 1.0, 3)  # (3, T)
+        m[1, 1:] = False  # one completion shorter
+        s = cord.completion_logits(lalm, x_a, P["audio_mask"], y, m)  # (3, T, V)
+        t = cord.completion_logits(lalm, cord.embed_prompts(lalm, P["text_ids"]), P["text_mask"], y, m)
+        for b in range(2):  # the first two prompts: a long and a short completion
+            a_ids, t_ids = P["audio_ids"][b, P["audio_mask"][b].bool()], P["text_ids"][b, P["text_mask"][b].bool()]
+            audio = own_audio_inputs(lalm, P["features"][b:b + 1], P["feature_mask"][b:b + 1])
+            for i in range(int(m[b].sum())):
+                ids = torch.cat([a_ids, y[b, :i]])[None]
+                ref = lalm.model(input_ids=ids, attention_mask=torch.ones_like(ids), **audio).logits[0, -1]
+                torch.testing.assert_close(s[b, i], ref, atol=1e-4, rtol=1e-4)
+                ids = torch.cat([t_ids, y[b, :i]])[None]
+                ref = lalm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+                torch.testing.assert_close(t[b, i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_family_greedy_sample_equals_generate(family_batch):
+    """Greedy cord.sample (left-padded batch, 2 copies per prompt) = model.generate with the model's own audio inputs."""
+    family, lalm, _, P = family_batch
+    with torch.no_grad():
+        x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+        y, m = cord.sample(lalm, x_a, P["audio_mask"], 2, 0.0, 3)  # (6, T)
+        ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], max_new_tokens=3, do_sample=False,
+                                  suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids, pad_token_id=lalm.tokenizer.pad_token_id,
+                                  **own_audio_inputs(lalm, P["features"], P["feature_mask"]))
+    ref = ref[:, P["audio_ids"].shape[1]:]
+    for r in range(6):
+        row = y[r][m[r]]
+        assert len(row) and row.tolist() == ref[r // 2, :len(row)].tolist()
+
+
+def test_family_every_objective_trains(family_dir, speech_data):
+    """One train_step of each objective (--train all, B = 1, G = 2, T <= 2) + AdamW: finite loss and gradients, and the
+    language model and the audio path both move (GRPO: rewards drawn at random, so the advantages are not all zero)."""
+    family, path = family_dir
+    lalm = families.load_lalm(str(path), trust_remote_code=family == "step_audio_2")
+    params = cord.configure_trainable(lalm, "all")
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    judge = (lambda preds, refs: [float(torch.rand(())) for _ in preds],) * 2
+    examples = load_manifest(str(speech_data))[:1]
+    names = {id(p): n for n, p in lalm.model.named_parameters()}
+    audio = [n for n in names.values() if any(k in n for k in lalm.family.audio_parts)]
+    assert audio, f"{family}: no parameter under {lalm.family.audio_parts}"
+    for objective in cord.OBJECTIVES:
+        args = cord.Args(model=family, objective=objective, group_size=2, max_new_tokens=2, chunk_size=4, batch_size=1,
+                         reward_ref="text")
+        before = {n: p.detach().clone() for n, p in lalm.model.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss, _ = cord.train_step(lalm, cord.Teacher(lalm, "live"), judge, examples, args)
+        assert math.isfinite(loss.item()), objective
+        assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None), objective
+        opt.step()
+        moved = {n for n, p in lalm.model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved & set(audio) and moved - set(audio), (objective, sorted(moved)[:5])
+
+
+def test_family_save_then_load_is_exact(family_dir, tmp_path):
+    """plumbing.save_model_folder (what cord's checkpoints write) -> families.load_lalm: the same weights, tokenizer
+    and feature extractor, and identical logits with audio."""
+    import plumbing
+
+    family, path = family_dir
+    remote = family == "step_audio_2"
+    lalm = families.load_lalm(str(path), trust_remote_code=remote)
+    with torch.no_grad():  # make the weights differ from any initialisation
+        for p in lalm.model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    plumbing.save_model_folder(lalm.model, tmp_path / "saved", (lalm.processor or lalm.tokenizer, lalm.feature_extractor))
+    again = families.load_lalm(str(tmp_path / "saved"), trust_remote_code=remote)
+    a, b = lalm.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (again.audio_token_id, again.eos_ids, again.suppress_ids) == (lalm.audio_token_id, lalm.eos_ids, lalm.suppress_ids)
+    assert again.chat_template == lalm.chat_template and again.family == lalm.family
+    clip = [np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1]
+    (f1, m1), (f2, m2) = lalm.extract_features(clip), again.extract_features(clip)
+    assert torch.equal(f1, f2) and torch.equal(m1, m2)
+    with torch.no_grad():
+        e1, e2 = lalm.audio_features(lalm.base, f1, m1), again.audio_features(again.base, f2, m2)
+        torch.testing.assert_close(e1, e2, rtol=0, atol=0)
+        ids = lalm.tokenizer(QUESTIONS[0][0], return_tensors="pt").input_ids
+        torch.testing.assert_close(lalm.model(input_ids=ids).logits, again.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_step_audio_2_adapter_follows_its_published_interface(step_dir):
+    """What the Step-Audio-2 adapter computes on its own, checked without the real checkpoint: its log-mel equals
+    Whisper's recipe (which Step's published log_mel_spectrogram follows: same STFT, Slaney filters, clipping) on the clip
+    + 479 zero samples; its token count is Step's 12.5 per second (313 for a 25 s chunk); its chat format; <|EOT|> ends a
+    turn; without --trust_remote_code, a one-line exit."""
+    from transformers import WhisperFeatureExtractor
+
+    path = step_dir
+    clip = (np.random.default_rng(0).standard_normal(17234) * 0.1).astype(np.float32)
+    fe = WhisperFeatureExtractor(feature_size=128, chunk_length=4)
+    mels, mask = families.step_audio_2_mels(fe, [clip, clip[:8000]])
+    assert mask.sum(-1).tolist() == [(17234 + 479) // 160, (8000 + 479) // 160] and mels.shape == (2, 128, 110)
+    whisper = fe([clip], sampling_rate=16000, return_tensors="pt", padding="max_length")["input_features"]
+    torch.testing.assert_close(mels[0], whisper[0, :, :110], atol=1e-5, rtol=0)
+    step_like = type("M", (), {"config": type("C", (), {"audio_encoder_config": dict(kernel_size=3, adapter_stride=2)})})
+    frames = torch.arange(2502)[None] < torch.tensor([[(25 * 16000 + 479) // 160], [(2 * 16000 + 479) // 160]])  # 25 s, 2 s
+    assert families.step_audio_2_token_counts(step_like, frames.long()).tolist() == [313, 25]
+    lalm = families.load_lalm(str(path), trust_remote_code=True)
+    tok = lalm.tokenizer
+    chat = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "Solve it."}]}]
+    text = tok.apply_chat_template(chat, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|BOT|>system\nYou are a helpful assistant.<|EOT|><|BOT|>human\n<audio_start><audio_patch><audio_end>Solve it."
+                    "<|EOT|><|BOT|>assistant\n")
+    assert lalm.audio_token_id == tok.convert_tokens_to_ids("<audio_patch>") and tok.convert_tokens_to_ids("<|EOT|>") in lalm.eos_ids
+    assert {tok.convert_tokens_to_ids(t) for t in ("<audio_start>", "<audio_patch>", "<audio_end>")} <= set(lalm.suppress_ids)
+    assert families.audio_window_seconds(str(path)) == 25.0  # no feature extractor in the checkpoint: Step's 25 s chunks
+    with pytest.raises(SystemExit, match="--trust_remote_code"):
+        families.load_lalm(str(path))
