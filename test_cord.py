@@ -827,3 +827,490 @@ def test_grpo_logprobs_are_taken_at_the_rollouts_sampling_temperature(mode, spee
     torch.testing.assert_close(seen["logp"][m].double(), want[m], atol=2e-5, rtol=1e-5)
     other = torch.log_softmax(logits.double() / (2.5 - tau), -1).gather(-1, y[..., None])[..., 0]  # the other temperature
     assert (seen["logp"][m].double() - other[m]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Mutation-found cases (README: Testing -> mutation testing): each test below kills mutants of cord.py that
+# survived the suite above, against an independent, obviously correct computation.
+
+
+def slow_logp(logits, y):  # log softmax(logits)[y] for one position, plain Python over the vocabulary
+    z = logits.double().tolist()
+    top = max(z)
+    return z[y] - top - math.log(sum(math.exp(v - top) for v in z))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_size):
+    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths (reference / kernels.py);
+    padding holds huge logits but D and the forward KL are exactly 0 there."""
+    s, t, mask = rand_case(B=3, T=5, V=7, seed=11)
+    s[~mask], t[~mask] = 1e4 * s[~mask], -1e4 * t[~mask]
+    y = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
+    D = cord.token_reverse_kl(s, t, mask, chunk_size)
+    Fw = token_forward_kl(s, t, mask, chunk_size)
+    lp = cord.token_logprobs(s, y, chunk_size)
+    for b in range(3):
+        for i in range(5):
+            real = bool(mask[b, i])
+            assert D[b, i].item() == pytest.approx(slow_kl(s[b, i], t[b, i]) if real else 0.0, abs=1e-5)
+            assert Fw[b, i].item() == pytest.approx(slow_kl(t[b, i], s[b, i]) if real else 0.0, abs=1e-5)
+            if real:
+                assert lp[b, i].item() == pytest.approx(slow_logp(s[b, i], int(y[b, i])), abs=1e-5)
+    # the teacher is stop-gradient in both directions: only the student's logits get a gradient
+    s_, t_ = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    (cord.token_reverse_kl(s_, t_, mask, chunk_size).sum() + token_forward_kl(s_, t_, mask, chunk_size).sum()).backward()
+    assert t_.grad is None or t_.grad.abs().max() == 0
+    assert s_.grad[mask].abs().max() > 0
+
+
+def test_mut_position_weights_for_every_length_up_to_6():
+    """Eq. 5 for T = 1..6 (T = 2 included: w = (beta, 1)), beta in {1, 2, 3.5}, against the formula in plain Python."""
+    lengths = [1, 2, 3, 4, 5, 6]
+    mask = torch.arange(6)[None] < torch.tensor(lengths)[:, None]
+    for beta in (1.0, 2.0, 3.5):
+        w = position_weights(mask, beta)
+        for b, L in enumerate(lengths):
+            want = [(beta - (beta - 1) * t / (L - 1) if L > 1 else beta) if t < L else 0.0 for t in range(6)]
+            assert w[b].tolist() == pytest.approx(want), (beta, L)
+    assert position_weights(torch.tensor([[True, True]])).tolist() == [[2.0, 1.0]]  # default beta = 2
+
+
+def test_mut_importance_weights_k_per_sequence_and_large_k():
+    """A K per sequence (departure 8), K above T, alpha other than 2, and a row whose padding holds the largest D."""
+    D = torch.tensor([[0.3, 0.1, 0.2, 0.9], [5.0, 0.5, 9.0, 9.0], [0.1, 0.2, 0.3, 0.4]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    w = importance_weights(D, mask, k=torch.tensor([2, 1, 7]), alpha=1.5)
+    assert w.tolist() == [[1.5, 1.0, 1.0, 1.5],  # K = 2: 0.9 and 0.3
+                          [1.5, 1.0, 0.0, 0.0],  # K = 1 on length 2: 5.0 (never the padding's 9.0)
+                          [1.5, 1.5, 1.5, 1.5]]  # K = 7 > T: all
+    assert importance_weights(D, mask, k=4).tolist() == (mask * 2.0).tolist()  # K = T: all alpha
+
+
+def slow_token_metrics(D, mask, k):  # the logged metrics of weighted_token_loss, in plain Python
+    d = [D[b, i].item() for b in range(D.shape[0]) for i in range(D.shape[1]) if mask[b, i]]
+    top = []
+    for b in range(D.shape[0]):
+        L = int(mask[b].sum())
+        top += sorted((D[b, i].item() for i in range(L)), reverse=True)[:k]
+    q = lambda p: float(np.quantile(np.array(d), p))  # linear interpolation, as torch.quantile
+    return {"kl_mean": sum(d) / len(d), "kl_top_share": sum(top) / sum(d), "k_eff_frac": len(top) / len(d),
+            "kl_p50": q(0.5), "kl_p80": q(0.8), "kl_p95": q(0.95)}
+
+
+@pytest.mark.parametrize("k,alpha", [(2, 3.0), (1, 1.0)])
+def test_mut_weighted_token_loss_logged_metrics(k, alpha):
+    """kl_mean, kl_top_share, k_eff_frac and the percentiles over the real tokens only (padding holds large D);
+    the top-K of the metrics is the top-K of Eq. 4 whatever alpha is (alpha = 1 included)."""
+    g = torch.Generator().manual_seed(12)
+    D = torch.rand(3, 6, generator=g)
+    mask = torch.arange(6)[None] < torch.tensor([6, 4, 1])[:, None]
+    D[~mask] = 50.0
+    _, m = cord.weighted_token_loss(D, mask, k=k, alpha=alpha, beta=2.0)
+    assert m == pytest.approx(slow_token_metrics(D, mask, k), rel=1e-5)
+
+
+def test_mut_weighted_token_loss_empty_rows_are_left_out_of_the_mean():
+    """A row with no token is not a sequence: the mean runs over the others; no token at all gives 0 (and a graph)."""
+    D = torch.tensor([[1.0, 2.0, 0.5], [7.0, 7.0, 7.0], [0.4, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0]]).bool()
+    loss, m = cord.weighted_token_loss(D, mask, k=1, alpha=2.0, beta=2.0)
+    # row 0: w_kl = (1, 2, 1), w_pos = (2, 1.5, 1) -> w = (2, 3, 1): (2 * 1 + 3 * 2 + 1 * 0.5) / 6; row 2: 0.4
+    assert loss.item() == pytest.approx(((2 * 1 + 3 * 2 + 0.5) / 6 + 0.4) / 2)
+    loss, _ = cord.weighted_token_loss(D, mask, k=1, alpha=2.0, beta=2.0, normalize="length")
+    assert loss.item() == pytest.approx(((2 * 1 + 3 * 2 + 0.5) / 3 + 2 * 2 * 0.4 / 1) / 2)  # row 2: w = alpha * beta
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    loss, m = cord.weighted_token_loss(D[:2], none)
+    assert loss.item() == 0.0 and loss.requires_grad and m["kl_mean"] == 0.0 and m["k_eff_frac"] == 0.0
+    assert not any(key.startswith("kl_p") for key in m)
+
+
+def slow_grpo(logp, old, A, mask, eps, reduction):  # Eq. 10 in plain Python -> (loss, clip_frac)
+    total, tokens, clipped, per_seq = 0.0, 0, 0, []
+    for i in range(logp.shape[0]):
+        terms = []
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            rho, a = math.exp(logp[i, t].item() - old[i, t].item()), A[i].item()
+            terms.append(min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a))
+            clipped += (rho > 1 + eps and a > 0) or (rho < 1 - eps and a < 0)
+        per_seq.append(sum(terms) / max(len(terms), 1))
+        total, tokens = total + sum(terms), tokens + len(terms)
+    loss = -sum(per_seq) / len(per_seq) if reduction == "sequence" else -total / max(tokens, 1)
+    return loss, clipped / max(tokens, 1)
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+@pytest.mark.parametrize("eps", [0.2, 0.05])
+def test_mut_grpo_loss_both_reductions_vs_slow_loop(reduction, eps):
+    """Eq. 10 with either reduction and two clip ranges; rows of different lengths (one empty) so that the token
+    mean and the sequence mean differ; the clip fraction over real tokens only."""
+    g = torch.Generator().manual_seed(13)
+    logp = torch.randn(5, 6, generator=g) * 0.3 - 1
+    old = logp + torch.randn(5, 6, generator=g) * 0.2
+    A = torch.tensor([1.5, -1.0, 0.5, -0.25, 2.0])
+    mask = torch.arange(6)[None] < torch.tensor([6, 2, 4, 1, 0])[:, None]
+    loss, m = grpo_loss(logp, old, A, mask, eps=eps, reduction=reduction)
+    want, clip = slow_grpo(logp, old, A, mask, eps, reduction)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert m["clip_frac"] == pytest.approx(clip)
+    assert "zero_spread_frac" not in m  # no group_size: not computed
+
+
+def test_mut_grpo_loss_zero_spread_fraction_hand_table():
+    A = torch.tensor([0.0, 0.0, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0])  # groups of 2: zero, spread, zero, zero -> 3/4
+    lp = torch.zeros(8, 2)
+    assert grpo_loss(lp, lp, A, torch.ones(8, 2, dtype=torch.bool), group_size=2)[1]["zero_spread_frac"] == 0.75
+    assert grpo_loss(lp, lp, A, torch.ones(8, 2, dtype=torch.bool), group_size=4)[1]["zero_spread_frac"] == 0.5
+
+
+def test_mut_grpo_advantages_default_is_std_and_handles_groups_of_two():
+    r = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0])  # int rewards, groups of 2
+    A = grpo_advantages(r, 2)  # default: scale="std", eps = 1e-4
+    s = math.sqrt(0.5)  # unbiased std of (1, 0)
+    torch.testing.assert_close(A, torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0.5, -0.5]) / (s + 1e-4))
+    assert A.dtype == torch.float32 and A.shape == (8,)
+    torch.testing.assert_close(grpo_advantages(r, 2, "std", eps=1.0), torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0.5, -0.5]) / (s + 1))
+
+
+def fake_judge(verdicts):  # a judge answering from a table {(completion, reference): 0 or 1}, recording its calls
+    calls = []
+
+    def judge(preds, refs):
+        calls.append((list(preds), list(refs)))
+        return [verdicts[(p, r)] for p, r in zip(preds, refs)]
+
+    return judge, calls
+
+
+def test_mut_rewards_for_every_mode_hand_table():
+    """Eq. 8 per row: text = J(y, y_hat); answer = J(y, ground truth) (y_hat where a row has no answer); both = min."""
+    completions, refs, answers = ["a", "b", "c", "d"], ["R0", "R1", "R2", "R3"], [7, None, "x", 0]
+    text_j, text_calls = fake_judge({("a", "R0"): 1, ("b", "R1"): 0, ("c", "R2"): 1, ("d", "R3"): 0})
+    gt_j, gt_calls = fake_judge({("a", "7"): 0, ("c", "x"): 1, ("d", "0"): 1})
+    r = cord.rewards_for((text_j, gt_j), completions, refs, answers, "text")
+    assert r.tolist() == [1, 0, 1, 0] and r.dtype == torch.float32 and gt_calls == []
+    r = cord.rewards_for((text_j, gt_j), completions, refs, answers, "both")
+    assert r.tolist() == [0, 0, 1, 0] and r.dtype == torch.float32  # min(gt, text); row 1: text alone
+    assert gt_calls == [(["a"], ["7"]), (["c"], ["x"]), (["d"], ["0"])]  # the answer as a string, 0 included
+    text_calls.clear()
+    gt_j, gt_calls = fake_judge({("a", "7"): 0, ("b", "1"): 1, ("c", "x"): 1, ("d", "0"): 1})
+    r = cord.rewards_for((text_j, gt_j), completions, [None] * 4, [7, 1, "x", 0], "answer")
+    assert r.tolist() == [0, 1, 1, 1] and r.dtype == torch.float32 and len(gt_calls) == 4
+    assert text_calls == []  # no y_hat is judged with --reward_ref answer
+    with pytest.raises(SystemExit, match="^--reward_ref answer: an example has no 'answer'; use --reward_ref text or both$"):
+        cord.rewards_for((text_j, gt_j), completions, [None] * 4, answers, "answer")
+
+
+def test_mut_pad_cat_hand_table():
+    a, b = torch.tensor([[1, 2, 3]]), torch.tensor([[4], [5]])
+    assert cord.pad_cat([a, b], 0).tolist() == [[1, 2, 3], [4, 0, 0], [5, 0, 0]]
+    assert cord.pad_cat([b, a], -7).tolist() == [[4, -7, -7], [5, -7, -7], [1, 2, 3]]
+    m = cord.pad_cat([torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)], False)
+    assert m.tolist() == [[True, False], [True, True]]
+
+
+def toy_lalm(V=9, C=4, bias=False, seed=0):  # just what head_terms and baseline_loss touch: lalm.base's lm_head
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(C, V, bias=bias)
+    return types.SimpleNamespace(base=types.SimpleNamespace(get_output_embeddings=lambda: head)), head
+
+
+def toy_rows(C=4, V=9, seed=0):  # student h (3, 4, C), teacher h_t (3, 4, C) with its own head W_t (V, C), y, mask
+    g = torch.Generator().manual_seed(seed)
+    h, h_t, W_t = torch.randn(3, 4, C, generator=g), torch.randn(3, 4, C, generator=g), torch.randn(V, C, generator=g)
+    y = torch.randint(0, V, (3, 4), generator=g)
+    mask = torch.arange(4)[None] < torch.tensor([4, 2, 1])[:, None]
+    return h, h_t, W_t, y, mask
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mut_head_terms_vs_slow_loop(chunk_size, bias):
+    """D of Eq. 2 (student logits h W^T + b vs teacher logits h_t W_t^T) and log pi(y_t) of logits / tau, position by
+    position; the fused path (no bias) and the logits path give the same; no teacher: D is None."""
+    lalm, head = toy_lalm(bias=bias)
+    h, h_t, W_t, y, mask = toy_rows()
+    logits = lambda hh, W, b=None: hh.double() @ W.double().T + (0 if b is None else b.double())
+    D, logp = cord.head_terms(lalm, h, y, mask, h_t, W_t, chunk_size)
+    D_none, logp_hot = cord.head_terms(lalm, h, y, mask, chunk_size=chunk_size, temperature=1.5)
+    assert D_none is None
+    for b in range(3):
+        for t in range(4):
+            s = logits(h[b, t], head.weight, head.bias)
+            if mask[b, t]:
+                assert D[b, t].item() == pytest.approx(slow_kl(s, logits(h_t[b, t], W_t)), abs=1e-5)
+            else:
+                assert D[b, t].item() == 0.0
+            assert logp[b, t].item() == pytest.approx(slow_logp(s, int(y[b, t])), abs=1e-5)
+            assert logp_hot[b, t].item() == pytest.approx(slow_logp(s / 1.5, int(y[b, t])), abs=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_mut_baseline_losses_vs_slow_loop(chunk_size):
+    """Departure 9: sft = mean over sequences of the per-token mean of -log pi(y_hat_t | x_a); fkl = the same mean of
+    KL(teacher || student); a sequence without tokens counts as 0."""
+    lalm, head = toy_lalm()
+    h, h_t, W_t, y, mask = toy_rows(seed=1)
+    mask[1, 1:], mask[2] = False, False  # lengths 4, 1 and an empty row
+    logits = lambda hh, W: hh.double() @ W.double().T
+    sft, fkl = [], []
+    for b in range(3):
+        L = int(mask[b].sum())
+        ce = [-slow_logp(logits(h[b, t], head.weight), int(y[b, t])) for t in range(L)]
+        kl = [slow_kl(logits(h_t[b, t], W_t), logits(h[b, t], head.weight)) for t in range(L)]
+        sft.append(sum(ce) / max(L, 1)), fkl.append(sum(kl) / max(L, 1))
+    got_sft = cord.baseline_loss(lalm, h, y, mask, h_t, W_t, "sft", chunk_size)
+    got_fkl = cord.baseline_loss(lalm, h, y, mask, h_t, W_t, "fkl", chunk_size)
+    assert got_sft.item() == pytest.approx(sum(sft) / 3, rel=1e-5)
+    assert got_fkl.item() == pytest.approx(sum(fkl) / 3, rel=1e-5)
+
+
+def text_path(lalm, P, y, m):  # the teacher's hidden states computed directly: eval mode, no grad, x_t = the transcript prompt
+    lalm.model.eval()
+    with torch.no_grad():
+        return cord.completion_hidden(lalm, cord.embed_prompts(lalm, P["text_ids"]), P["text_mask"], y, m)
+
+
+def test_mut_frozen_teacher_keeps_the_initial_weights_live_follows_and_mode_is_restored(speech_data, qwen2_audio_dir):
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
+    y, m = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    live, frozen = cord.Teacher(lalm, "live"), cord.Teacher(lalm, "frozen")
+    assert live.copy is None and frozen.copy is not None
+    assert not any(p.requires_grad for p in frozen.copy.model.parameters())  # a frozen copy: never trained
+    before = text_path(lalm, P, y, m)
+    with torch.no_grad():  # the live model moves (a training step)
+        for p in lalm.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = text_path(lalm, P, y, m)
+    assert (after - before).abs().max() > 1e-3
+    for training in (True, False):
+        lalm.model.train(training)
+        h_f, W_f = frozen.hidden(P["text_ids"], P["text_mask"], y, m)
+        assert lalm.model.training == training  # the caller's mode is restored
+        h_l, W_l = live.hidden(P["text_ids"], P["text_mask"], y, m)
+        assert lalm.model.training == training
+        torch.testing.assert_close(h_f, before)  # frozen: the initial weights, in eval mode
+        torch.testing.assert_close(h_l, after)  # live: the current weights
+        assert not h_f.requires_grad and not h_l.requires_grad
+        assert W_l is lalm.base.get_output_embeddings().weight
+        assert not torch.equal(W_f, W_l) and W_f is frozen.copy.base.get_output_embeddings().weight
+
+
+def test_mut_lora_teacher_frozen_disables_the_adapter_live_keeps_it(speech_data, qwen2_audio_dir):
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
+    cord.configure_trainable(lalm, "lora", 4)
+    with torch.no_grad():  # trained adapters (lora_B starts at 0, which would hide a wrong choice)
+        for name, p in lalm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    y, m = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[1, 1, 1], [1, 1, 1]]).bool()
+    with_adapter = text_path(lalm, P, y, m)
+    with lalm.model.disable_adapter():
+        base = text_path(lalm, P, y, m)
+    assert (with_adapter - base).abs().max() > 1e-3
+    frozen, live = cord.Teacher(lalm, "frozen"), cord.Teacher(lalm, "live")
+    assert frozen.copy is None  # the base model under the adapter is the frozen teacher: no copy
+    lalm.model.train()
+    torch.testing.assert_close(frozen.hidden(P["text_ids"], P["text_mask"], y, m)[0], base)
+    torch.testing.assert_close(live.hidden(P["text_ids"], P["text_mask"], y, m)[0], with_adapter)
+    assert lalm.model.training
+
+
+def test_mut_sampler_ends_rows_at_eos_pads_after_it_and_stops_when_all_are_done(speech_data, qwen2_audio_dir):
+    """With half the vocabulary as EOS, rows end at different steps: each mask is True up to and including its first
+    EOS, the tokens after it are the pad id (eos_ids[0] when the tokenizer has none), and sampling stops once every
+    row is done."""
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
+    lalm.model.eval()
+    x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
+    V = lalm.base.get_output_embeddings().weight.shape[0]
+    eos = [v for v in range(V) if v % 2 == 1 and v not in lalm.suppress_ids]  # odd ids: eos[0] is not the pad id
+    for pad_id in (lalm.tokenizer.pad_token_id, None):
+        fields = {**lalm.__dict__, "eos_ids": eos}
+        if pad_id is None:
+            fields["tokenizer"] = types.SimpleNamespace(pad_token_id=None)
+        torch.manual_seed(0)
+        y, m = cord.sample(cord.LALM(**fields), x_a, P["audio_mask"], 8, 1.0, 30)  # (16, T)
+        pad = eos[0] if pad_id is None else pad_id
+        assert pad_id is None or pad_id not in eos  # else a pad taken from eos_ids would go unnoticed
+        lengths = []
+        for row, alive in zip(y.tolist(), m.tolist()):
+            L = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))  # up to and including the first EOS
+            assert alive == [i < L for i in range(len(row))] and row[L:] == [pad] * (len(row) - L)
+            lengths.append(L)
+        assert y.shape[1] == max(lengths) < 30 and min(lengths) < max(lengths)  # stopped when the last row ended
+        assert not torch.isin(y, torch.tensor(lalm.suppress_ids)).any()
+
+
+def test_mut_sampler_draws_each_row_at_its_own_temperature(speech_data, qwen2_audio_dir):
+    """Row j of each prompt is drawn from softmax(logits / temperature[j]) (0: argmax): the mean logit of the drawn
+    first tokens matches its expectation under that temperature, within 5 standard errors."""
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
+    lalm.model.eval()
+    head = lalm.base.get_output_embeddings()
+    x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
+    with torch.no_grad():
+        first = cord.completion_logits(lalm, x_a, P["audio_mask"], torch.zeros(2, 1, dtype=torch.long),
+                                       torch.ones(2, 1, dtype=torch.bool))[:, 0].double()  # (B, V) the first token's logits
+        scale = 2.0 / first.std().item()  # logits spread (std 2) so that the temperatures differ clearly
+        head.weight.mul_(scale)
+    first = first * scale
+    first[:, lalm.suppress_ids] = -math.inf
+    taus, reps = [0.0, 0.5, 1.0, 1.7], 150
+    torch.manual_seed(0)
+    y, _ = cord.sample(lalm, x_a, P["audio_mask"], len(taus) * reps, taus * reps, 1)  # (B * 600, 1)
+    y = y[:, 0].view(2, reps, len(taus))  # (B, draws, tau)
+    for b in range(2):
+        for j, tau in enumerate(taus):
+            drawn = first[b, y[b, :, j]]  # (draws,) logits of the drawn tokens
+            if tau == 0:
+                assert (y[b, :, j] == first[b].argmax()).all()
+                continue
+            p = torch.softmax(first[b] / tau, -1)
+            real = p > 0
+            mean = (p[real] * first[b, real]).sum().item()
+            sd = math.sqrt((p[real] * (first[b, real] - mean) ** 2).sum().item())
+            assert abs(drawn.mean().item() - mean) < 5 * sd / math.sqrt(reps), (b, tau)
+
+
+def translated_sample(lalm, args):  # fixed_sample for any temperatures: args.temperature plays the OPD row, others the GRPO rows
+    fake, calls = fixed_sample(lalm), []
+
+    def sample(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, **kw):
+        calls.append((prompt_embeds.shape[0], n, temperature, max_new_tokens))
+        if isinstance(temperature, list):
+            temperature = [Args.temperature if t == args.temperature else Args.grpo_temperature for t in temperature]
+        calls[-1] += fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, **kw)
+        return calls[-1][-2:]
+
+    return sample, calls
+
+
+ROLLOUT_CASES = [  # objective, extra args -> the sample calls (rows, n, temperature, max_new_tokens): x_a first, then x_t
+    ("cord", {}, [(B_W, 1 + G_W, [1.0] + [1.5] * G_W, 6), (B_W, 1, 0.3, 6)]),
+    ("cord", {"opd_rollout": "group", "reward_ref": "answer"}, [(B_W, G_W, [1.5] * G_W, 6)]),
+    ("opd", {}, [(B_W, 1, [1.0], 6)]),
+    ("grpo", {"reward_ref": "both"}, [(B_W, G_W, [1.5] * G_W, 6), (B_W, 1, 0.3, 6)]),
+    ("sft", {}, [(B_W, 1, 0.3, 6)]),
+    ("fkl", {}, [(B_W, 1, 1.0, 6)]),  # fkl: y ~ pi(.|x_t) at tau, on-text
+]
+
+
+@pytest.mark.parametrize("objective,extra,want", ROLLOUT_CASES)
+def test_mut_rollouts_sample_what_each_objective_needs_and_the_step_logs_it(objective, extra, want, speech_data,
+                                                                             qwen2_audio_dir, monkeypatch):
+    """The sampler calls of one step (prompts, n, temperatures, T), and the metrics train_step logs about them."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective,
+                                             ref_temperature=0.3, **extra)
+    sample, calls = translated_sample(lalm, args)
+    monkeypatch.setattr(cord, "sample", sample)
+    judge = cord.make_judge(args, lalm) if objective in ("cord", "grpo", "opd+grpo") else None
+    _, m = cord.train_step(lalm, teacher, judge, examples, args)
+    assert [c[:4] for c in calls] == want
+    audio = [c for c in calls if isinstance(c[2], list)]
+    if audio:  # rollout_tokens: every audio rollout token sampled; completion_len: mean length of the GRPO rows
+        assert m["rollout_tokens"] == audio[0][5].sum().item()
+        group = audio[0][5].view(B_W, -1, audio[0][5].shape[1])[:, -G_W:]  # (B, G, T) the group rows of each prompt
+        if objective != "opd":
+            assert m["completion_len"] == pytest.approx(group.sum(-1).float().mean().item())
+    else:
+        assert "rollout_tokens" not in m
+    assert {"t_prompts", "t_student", "t_rollout", "t_judge", "t_teacher"} <= set(m) and None not in m
+    if objective in ("cord", "opd"):
+        assert {"loss_tok", "kl_mean", "kl_top_share", "k_eff_frac", "kl_p50"} <= set(m)
+
+
+GRPO_TAU_CASES = [  # objective, opd_rollout, grpo_logp_temperature, tau_grpo, k_frac -> tau of Eq. 10's log pi
+    ("cord", "separate", "one", 1.5, 0.0, 1.0),
+    ("cord", "group", "one", 1.5, 0.5, 1.0),  # the group's log pi of L_tok (tau = 1) is reused
+    ("cord", "group", "sampling", 2.0, 0.04, 2.0),  # tau != 1: the reused log pi (tau = 1) would be wrong
+    ("grpo", "separate", "sampling", 0.7, 0.0, 0.7),
+    ("grpo", "separate", "sampling", 2.0, 0.0, 2.0),
+    ("grpo", "separate", "sampling", 0.0, 0.0, 1.0),  # greedy GRPO rollouts: log pi at tau = 1
+]
+
+
+@pytest.mark.parametrize("objective,opd_rollout,mode,tau_grpo,k_frac,tau", GRPO_TAU_CASES)
+def test_mut_student_loss_takes_log_pi_at_the_right_tau_and_K_per_sequence(objective, opd_rollout, mode, tau_grpo, k_frac,
+                                                                            tau, speech_data, qwen2_audio_dir, monkeypatch):
+    """Eq. 10's log pi(y_t) = log softmax(logits / tau)[y_t], against the model's own completion logits; the K of Eq. 4
+    handed to the token loss is --k, or ceil(k_frac * T) per sequence with --k_frac (departure 8)."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective, k=3, k_frac=k_frac,
+                                             opd_rollout=opd_rollout, grpo_logp_temperature=mode, grpo_temperature=tau_grpo,
+                                             reward_ref="answer")
+    sample, _ = translated_sample(lalm, args)
+    monkeypatch.setattr(cord, "sample", sample)
+    seen, real_loss, real_tok, real_student = {}, cord.grpo_loss, cord.weighted_token_loss, cord.student_loss
+
+    def loss_spy(logp, old_logp, A, mask, *a):
+        seen["logp"] = logp.detach().clone()
+        return real_loss(logp, old_logp, A, mask, *a)
+
+    def tok_spy(D, mask, k, *a):
+        seen["k"], seen["tok_mask"] = k, mask
+        return real_tok(D, mask, k, *a)
+
+    def student_spy(lalm_, x_a, m_a, ro, *a):
+        seen["x_a"], seen["m_a"], seen["group"] = x_a.detach().clone(), m_a.clone(), ro.group
+        return real_student(lalm_, x_a, m_a, ro, *a)
+
+    monkeypatch.setattr(cord, "grpo_loss", loss_spy)
+    monkeypatch.setattr(cord, "weighted_token_loss", tok_spy)
+    monkeypatch.setattr(cord, "student_loss", student_spy)
+    cord.train_step(lalm, teacher, cord.make_judge(args, lalm), examples, args)
+    y, m = seen["group"]
+    lalm.model.eval()
+    with torch.no_grad():
+        logits = cord.completion_logits(lalm, seen["x_a"].repeat_interleave(G_W, 0), seen["m_a"].repeat_interleave(G_W, 0), y, m)
+    want = torch.log_softmax(logits.double() / tau, -1).gather(-1, y[..., None])[..., 0]  # (B*G, T)
+    torch.testing.assert_close(seen["logp"][m].double(), want[m], atol=2e-5, rtol=1e-5)
+    if objective == "cord":
+        lengths = seen["tok_mask"].sum(-1)
+        want_k = [max(1, math.ceil(k_frac * L)) for L in lengths.tolist()] if k_frac else None
+        assert (torch.as_tensor(seen["k"]).tolist() == want_k) if k_frac else seen["k"] == 3
+
+
+def test_mut_grpo_loss_default_eps_one_token_batches_and_clip_boundaries():
+    """The default clip range is eps = 0.2; a batch of one token under either reduction; rho exactly on 1 -+ eps is not
+    counted as clipped (the clip changes nothing there), and a zero advantage is never clipped."""
+    g = torch.Generator().manual_seed(14)
+    logp = torch.randn(3, 4, generator=g) * 0.3
+    old = logp + torch.randn(3, 4, generator=g) * 0.3
+    A, mask = torch.tensor([1.0, -0.5, 0.7]), torch.arange(4)[None] < torch.tensor([4, 2, 3])[:, None]
+    loss, m = grpo_loss(logp, old, A, mask)  # defaults: eps = 0.2, sequence reduction (lengths differ: not the token mean)
+    want, clip = slow_grpo(logp, old, A, mask, 0.2, "sequence")
+    assert loss.item() == pytest.approx(want, rel=1e-5) and m["clip_frac"] == pytest.approx(clip) and clip > 0
+    one, one_mask = torch.tensor([[math.log(2.0), 0.0]]), torch.tensor([[True, False]])  # rho = 2, A = 1: clipped at 1.2
+    for reduction in ("sequence", "token"):
+        loss, m = grpo_loss(one, torch.zeros(1, 2), torch.tensor([1.0]), one_mask, reduction=reduction)
+        assert loss.item() == pytest.approx(-1.2) and m["clip_frac"] == 1.0
+    lp = torch.tensor([[math.log(0.5), math.log(1.5)]] * 2 + [[math.log(3.0), math.log(0.1)]])  # rho = 0.5, 1.5 exactly
+    assert torch.exp(lp[0]).tolist() == [0.5, 1.5]
+    A = torch.tensor([-1.0, 1.0, 0.0])  # on the boundary that matters for its sign; A = 0 far outside the range
+    assert grpo_loss(lp, torch.zeros(3, 2), A, torch.ones(3, 2, dtype=torch.bool), eps=0.5)[1]["clip_frac"] == 0.0
+
+
+def test_mut_loss_defaults_are_the_papers_hyperparameters():
+    """Called without them, Eq. 4-7 use K = 20, alpha = beta = 2 and the sum-of-weights normalisation (T > K + 1 here,
+    so that K matters)."""
+    s, t, mask = rand_case(B=2, T=25, V=5, seed=15)
+    mask[1, 22:] = False
+    want = slow_cord_loss(s, t, mask, 20, 2.0, 2.0, "weights")
+    assert cord_token_loss(s, t, mask)[0].item() == pytest.approx(want, rel=1e-5)
+    D = token_reverse_kl(s, t, mask)
+    assert cord.weighted_token_loss(D, mask)[0].item() == pytest.approx(want, rel=1e-5)
+    assert importance_weights(D, mask).tolist() == importance_weights(D, mask, 20, 2.0).tolist()
+    assert position_weights(mask).tolist() == position_weights(mask, 2.0).tolist()
+
+
+def test_mut_weighted_token_loss_small_weights_small_kl_and_one_token():
+    """Eq. 7 is a weighted mean: one token gives its own D even when its weight is below 1 (alpha < 1); the logged
+    top-K share is exact when the total KL is below 1, and a batch of one token has k_eff_frac = 1."""
+    D, one = torch.tensor([[0.8]]), torch.ones(1, 1, dtype=torch.bool)
+    loss, m = cord.weighted_token_loss(D, one, k=1, alpha=0.5, beta=1.0)
+    assert loss.item() == pytest.approx(0.8) and m["k_eff_frac"] == 1.0 and m["kl_top_share"] == pytest.approx(1.0)
+    D = torch.tensor([[0.02, 0.05, 0.01, 0.03]])  # total KL 0.11: top-2 share (0.05 + 0.03) / 0.11
+    _, m = cord.weighted_token_loss(D, torch.ones(1, 4, dtype=torch.bool), k=2)
+    assert m["kl_top_share"] == pytest.approx(0.08 / 0.11, rel=1e-5)
