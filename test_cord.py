@@ -799,36 +799,6 @@ def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_
     assert ("loss_tok" in m, "loss_seq" in m, f"loss_{objective}" in m) == ("tok" in want, "seq" in want, "baseline" in want)
 
 
-@pytest.mark.parametrize("mode", ["sampling", "one"])
-def test_grpo_logprobs_are_taken_at_the_rollouts_sampling_temperature(mode, speech_data, qwen2_audio_dir, monkeypatch):
-    """Eq. 10's log pi(y_t) is log softmax(logits / tau_grpo) (departure 5), or at tau = 1 with `one`: checked against the
-    model's own completion logits on the same rows."""
-    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective="grpo", reward_ref="answer",
-                                             grpo_logp_temperature=mode)
-    seen, real_loss, real_student = {}, cord.grpo_loss, cord.student_loss
-
-    def loss_spy(logp, old_logp, A, mask, *a):
-        seen["logp"] = logp.detach().clone()
-        return real_loss(logp, old_logp, A, mask, *a)
-
-    def student_spy(lalm_, x_a, m_a, ro, *a):
-        seen["x_a"], seen["m_a"], seen["group"] = x_a.detach().clone(), m_a.clone(), ro.group
-        return real_student(lalm_, x_a, m_a, ro, *a)
-
-    monkeypatch.setattr(cord, "grpo_loss", loss_spy)
-    monkeypatch.setattr(cord, "student_loss", student_spy)
-    cord.train_step(lalm, teacher, cord.make_judge(args, lalm), examples, args)
-    y, m = seen["group"]
-    lalm.model.eval()
-    with torch.no_grad():
-        logits = cord.completion_logits(lalm, seen["x_a"].repeat_interleave(G_W, 0), seen["m_a"].repeat_interleave(G_W, 0), y, m)
-    tau = args.grpo_temperature if mode == "sampling" else 1.0  # 1.5: the rollouts' temperature
-    want = torch.log_softmax(logits.double() / tau, -1).gather(-1, y[..., None])[..., 0]  # (B*G, T)
-    torch.testing.assert_close(seen["logp"][m].double(), want[m], atol=2e-5, rtol=1e-5)
-    other = torch.log_softmax(logits.double() / (2.5 - tau), -1).gather(-1, y[..., None])[..., 0]  # the other temperature
-    assert (seen["logp"][m].double() - other[m]).abs().max() > 1e-3
-
-
 # ----------------------------------------------------------------------------------------------
 # Mutation-found cases (README: Testing -> mutation testing): each test below kills mutants of cord.py that
 # survived the suite above, against an independent, obviously correct computation.
@@ -1223,6 +1193,8 @@ def test_mut_rollouts_sample_what_each_objective_needs_and_the_step_logs_it(obje
 
 
 GRPO_TAU_CASES = [  # objective, opd_rollout, grpo_logp_temperature, tau_grpo, k_frac -> tau of Eq. 10's log pi
+    ("grpo", "separate", "sampling", 1.5, 0.0, 1.5),  # the defaults: the rollouts' temperature (departure 5)
+    ("grpo", "separate", "one", 1.5, 0.0, 1.0),
     ("cord", "separate", "one", 1.5, 0.0, 1.0),
     ("cord", "group", "one", 1.5, 0.5, 1.0),  # the group's log pi of L_tok (tau = 1) is reused
     ("cord", "group", "sampling", 2.0, 0.04, 2.0),  # tau != 1: the reused log pi (tau = 1) would be wrong
@@ -1266,6 +1238,8 @@ def test_mut_student_loss_takes_log_pi_at_the_right_tau_and_K_per_sequence(objec
         logits = cord.completion_logits(lalm, seen["x_a"].repeat_interleave(G_W, 0), seen["m_a"].repeat_interleave(G_W, 0), y, m)
     want = torch.log_softmax(logits.double() / tau, -1).gather(-1, y[..., None])[..., 0]  # (B*G, T)
     torch.testing.assert_close(seen["logp"][m].double(), want[m], atol=2e-5, rtol=1e-5)
+    other = torch.log_softmax(logits.double() / (tau + 0.5), -1).gather(-1, y[..., None])[..., 0]  # another temperature
+    assert (seen["logp"][m].double() - other[m]).abs().max() > 1e-3  # the check above can tell temperatures apart
     if objective == "cord":
         lengths = seen["tok_mask"].sum(-1)
         want_k = [max(1, math.ceil(k_frac * L)) for L in lengths.tolist()] if k_frac else None
