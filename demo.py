@@ -8,6 +8,7 @@ of text accuracy on one of two builds (README, "The CPU demo").
 
     python cord.py                                 # build/load the tiny LALM, evaluate, CORD, evaluate
     python cord.py --compare true --eval_every 10  # every objective x 3 seeds: results.md, curves.png
+    python demo.py --leave-one-out                 # per TTS engine: built without it, heard by it, CORD: runs/loo/loo.md
 """
 import json
 import shutil
@@ -128,3 +129,81 @@ def plot_curves(results: dict, args: Args, path: Path):
     fig.suptitle(f"tiny Qwen2-Audio, {args.compare_seeds} seeds (mean ± std)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# Leave one voice out: does the tiny LALM hear a TTS engine it never heard in training, and does CORD help there?
+
+def leave_one_out(args: Args, engines=("hibari", "piper", "espeak"), limit: int = 300, cache_dir=".cache/tiny_lalm",
+                  shared_lm: bool = True, **build) -> list[dict]:
+    """For each TTS engine: the tiny LALM built without it (tiny_lalm.load_or_build(holdout=engine): same voiced data,
+    the full build's language model, which never hears; encoder and projector trained without the engine's clips),
+    evaluated greedily on its training voices ("in-voice": the eval questions voiced by the other engines) and on the
+    never-heard engine ("held-out": the first `limit` eval questions voiced by it alone); then CORD with the demo's
+    settings on its own training data, and both evaluated again. One row per (engine, set) in
+    args.output/loo.json and loo.md; an engine whose no-<engine>/loo.json exists is read back, not rerun.
+    shared_lm=False: each build trains its own language model too (stage 1; cleaner, twice the build time)."""
+    from tiny_lalm import load_or_build
+
+    root, rows = Path(args.output), []
+    if shared_lm:
+        load_or_build(cache_dir=cache_dir, seed=args.seed, **build)    # the full build: its language model is shared
+    for e in engines:
+        done = root / f"no-{e}" / "loo.json"
+        if done.is_file():
+            rows += json.loads(done.read_text())
+            continue
+        clock = time.time()
+        _, _, train_m, eval_m = load_or_build(cache_dir=f"{cache_dir}-no-{e}", data_dir=f"{cache_dir}/data", holdout=e,
+                                              shared_lm=cache_dir if shared_lm else None, seed=args.seed, **build)
+        built = time.time() - clock
+        a = replace(demo_args(args), model=f"{cache_dir}-no-{e}", data=str(train_m), output=str(root / f"no-{e}"))
+        plumbing.prepare_output(a.output, False, overwrite=True)
+        sets = {"in-voice": load_manifest(str(eval_m))[:limit],
+                "held-out": load_manifest(str(Path(eval_m).parents[1] / f"eval-{e}" / "manifest.jsonl"))[:limit]}
+        lalm = setup(a)
+        base = {k: evaluate(lalm, v, a, kl=False) for k, v in sets.items()}
+        clock = time.time()
+        train(lalm, load_manifest(a.data), a)
+        minutes = (time.time() - clock) / 60
+        after = {k: evaluate(lalm, v, a, None, base[k], kl=False) for k, v in sets.items()}
+        mine = [dict(engine=e, set=k, n=base[k]["n"], acc_text=base[k]["acc_text"], acc_audio=base[k]["acc_audio"],
+                     gap=base[k]["gap"], cord_acc_audio=after[k]["acc_audio"], cord_gap=after[k]["gap"],
+                     gap_reduction=after[k].get("gap_reduction"), build_minutes=built / 60, cord_minutes=minutes)
+                for k in sets]
+        done.write_text(json.dumps(mine, indent=1))
+        rows += mine
+    lines = ["| engine left out | eval voices | n | text acc | audio acc | gap | audio after CORD | gap after | gap reduction |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        red = "–" if r["gap_reduction"] is None else f"{100 * r['gap_reduction']:.1f} %"
+        what = f"{r['engine']} (never heard)" if r["set"] == "held-out" else "the other engines (trained on)"
+        lines.append(f"| {r['engine']} | {what} | {r['n']} | {r['acc_text']:.1f} | {r['acc_audio']:.1f} | {r['gap']:.1f} | "
+                     f"{r['cord_acc_audio']:.1f} | {r['cord_gap']:.1f} | {red} |")
+    (root / "loo.json").write_text(json.dumps(rows, indent=1))
+    (root / "loo.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="The leave-one-voice-out table of the tiny LALM (README, \"The CPU demo\").")
+    p.add_argument("--leave-one-out", action="store_true", required=True, help="build without each engine, evaluate, CORD, evaluate")
+    p.add_argument("--engines", default="hibari,piper,espeak", help="engines to leave out, one build each")
+    p.add_argument("--n-eval", type=int, default=300, help="eval items per set")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the builds and of CORD")
+    p.add_argument("--output", default="runs/loo", help="one folder per engine left out, and loo.md")
+    p.add_argument("--own-lm", action="store_true", help="each build trains its own language model (default: the full build's, shared)")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    leave_one_out(Args(seed=a.seed, threads=a.threads, output=a.output), tuple(a.engines.split(",")), a.n_eval,
+                  shared_lm=not a.own_lm)
+
+
+if __name__ == "__main__":
+    main()

@@ -92,6 +92,14 @@ def test_tiny_load_or_build_reduced(tmp_path):
     model2, *_ = tiny_lalm.load_or_build(tmp_path / "tiny", **kw)
     for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), k
+    assert all(r["augment"] for r in train if "augment" in r) and not any("augment" in r for r in dev + ev)
+    # a fresh clone: the shipped model (same settings) is loaded, only what the demo reads is voiced
+    tiny_lalm.ship(tmp_path / "tiny", tmp_path / "shipped")
+    model3, _, train3, eval3 = tiny_lalm.load_or_build(tmp_path / "fresh", **kw, shipped=tmp_path / "shipped", demo_train=2)
+    assert len(read_manifest(train3)) == 2 and len(read_manifest(eval3)) == 4
+    assert not (tmp_path / "fresh" / "model.safetensors").exists()
+    for (k, a), (_, b) in zip(model.state_dict().items(), model3.state_dict().items()):
+        assert torch.equal(a, b), k
 
 
 def _brute_force_align(logp, target, blank):
@@ -133,3 +141,24 @@ def test_tiny_pseudo_audio_loss_by_hand():
     off[0, 1] = 0.0                                                             # one word frame at 0: error 1 of 3 word frames
     # word frames: errors (1, 0, 0) -> mean 1/3; blank frames: 0; loss = 0.5 * 1/3
     assert abs(tiny_lalm.pseudo_audio_loss(off, a_len, slots, E, blank=0).item() - 1 / 6) < 1e-6
+
+
+def test_tiny_voices_from_pip_and_augmentations():
+    """espeak-ng voices come from the library piper-tts ships (no system program needed); data_gen's augmentations
+    change what they should: speed the length, vtlp not the length (identity at 1), noise at the asked SNR."""
+    from data_gen import augment, draw_augment, parse_augment, synthesize, vtlp
+    a, sr = synthesize("What is seven plus six?", "espeak:en-gb-x-rp+m3:170")
+    b, _ = synthesize("What is seven plus six?", "espeak:en-us+f3:170")
+    y = to_16k(a, sr)
+    assert sr == 22050 and 1.0 < len(y) / 16000 < 3.0 and np.sqrt(np.mean(y ** 2)) > 0.01 and len(a) != len(b)
+    assert {tiny_lalm.engine(v) for v in tiny_lalm.VOICES} == {"hibari", "piper", "espeak"}
+    assert len(augment(y, {"speed": 1.25})) == round(len(y) / 1.25) and len(augment(y, {"vtlp": 0.9})) == len(y)
+    np.testing.assert_allclose(vtlp(y, 1.0), y, atol=1e-5)
+    noisy = augment(y * 0.5, {"snr": 10.0}, "k")
+    snr = 10 * np.log10(np.mean((y * 0.5) ** 2) / np.mean((noisy - y * 0.5) ** 2))
+    assert abs(snr - 10.0) < 0.5
+    spec = parse_augment(tiny_lalm.AUGMENT)
+    draws = [draw_augment(spec, f"id{i}") for i in range(200)]
+    assert draws == [draw_augment(spec, f"id{i}") for i in range(200)]                 # seeded by the clip id
+    assert 0.35 < np.mean(["vtlp" in d for d in draws]) < 0.65                         # p = 0.5
+    assert all(0.88 <= d["vtlp"] <= 1.12 for d in draws if "vtlp" in d)

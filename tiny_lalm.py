@@ -8,10 +8,12 @@ when heard. Built deterministically from a seed (for a given torch thread count:
 sum floats in a different order and give different models), in stages, each cached:
 
     data  two-step spoken arithmetic ("What is seven plus six minus two?"), voiced offline by
-          data_gen.py (hibari and espeak-ng voices at several speeds); eval and dev questions are
-          disjoint from the training questions;
+          data_gen.py with pip-installed engines only (hibari, piper, and espeak-ng speaker variants, at
+          several speeds; VOICES), the training clips perturbed (speed, vocal-tract length, room, noise;
+          AUGMENT) so that the model hears speakers, not one voice; eval and dev questions are disjoint
+          from the training questions; data/eval-<engine>/ holds eval questions voiced by one engine;
     0     the audio encoder is pretrained as a CTC speech recogniser (as Qwen2-Audio's starts from
-          Whisper); its forced alignments turn every training clip into "pseudo-audio": the audio slot
+          Whisper; SpecAugment on its features in stages 0 and 2); its forced alignments turn every training clip into "pseudo-audio": the audio slot
           written in tokens, each word's token at the frame where it is spoken, <|AUDIO|> elsewhere;
     1     the language model learns the task, teacher-forced, from text prompts and (half of each
           batch) from pseudo-audio prompts, answering with a short chain:
@@ -21,8 +23,13 @@ sum floats in a different order and give different models), in stages, each cach
           and stop early once greedy audio accuracy on the dev set reaches `target_audio`: the audio
           path works, clearly worse than text — a real, partial audio-text gap for CORD to close.
 
+The default build is shipped in tiny/ (`python tiny_lalm.py --ship` makes it): load_or_build loads it when
+its settings are the ones asked for, so every user starts from the same weights and voices only the data
+the demo reads. `holdout=engine` builds without one engine (leave one voice out: `python demo.py --leave-one-out`).
+
 Usage:
     python tiny_lalm.py                          # build (or load) .cache/tiny_lalm and print the stats
+    python tiny_lalm.py --holdout piper --cache-dir .cache/tiny_lalm-no-piper --data-dir .cache/tiny_lalm/data
     model, processor, train_manifest, eval_manifest = load_or_build()
     accuracy(model, processor, eval_manifest)    # {'acc_text': ..., 'acc_audio': ..., 'gap': ..., 'n': ...}
 
@@ -62,9 +69,21 @@ from families import part, qwen2_audio_encoder, tie_if_configured
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 INSTRUCTION = "Solve it."
-# Voices mixed per clip ("backend:voice:speed", see data_gen.synthesize): two fast engines, several speeds.
-# (piper is ~10x slower per clip than these; without espeak-ng installed, hibari's speeds are used alone.)
-VOICES = ("hibari:heart:0.9", "hibari:heart:1.05", "hibari:heart:1.25", "espeak:en-us:175", "espeak:en-us+f3:150")
+# Voices mixed per clip ("backend:voice:speed", see data_gen.synthesize), all from pip packages: three engines
+# (hibari and piper neural, espeak-ng a formant synthesiser with many speaker variants), several speeds each.
+VOICES = ("hibari:heart:0.9", "hibari:heart:1.05", "hibari:heart:1.25", "piper:joe:0.9", "piper:joe:1.15",
+          "espeak:en-us:175", "espeak:en-us+f3:150", "espeak:en-gb-x-rp+m3:165", "espeak:en-029+f2:170",
+          "espeak:en-us+Alicia:155", "espeak:en-gb-scotland+m1:180")
+# The standard perturbations of speech training (data_gen.parse_augment), on the training clips only.
+AUGMENT = "speed=0.9-1.1,vtlp=0.88-1.12,rt60=0.1-0.4,snr=10-30,p=0.5"
+
+
+SHIPPED = Path(__file__).parent / "tiny"   # the default build, made by `python tiny_lalm.py --ship`
+
+
+def engine(voice: str) -> str:
+    """The TTS engine of a voice spec: engine("espeak:en-us+f3:150") == "espeak"."""
+    return voice.split(":")[0]
 
 # The Qwen2-Audio-7B-Instruct chat template (default system prompt, "Audio N:" prefix).
 CHAT_TEMPLATE = (
@@ -130,18 +149,18 @@ def solution(row: dict) -> str:
 
 
 def make_data(root, n_train: int | None = None, n_eval: int = 500, seed: int = 0, voices=VOICES,
-              n_dev: int = 200, takes: int = 2, workers: int = 2) -> tuple[Path, Path, Path]:
+              n_dev: int = 200, takes: int = 2, workers: int = 2, augment: str | None = AUGMENT,
+              n_engine_eval: int = 0) -> tuple[Path, Path, Path]:
     """Voice the problems with data_gen into root/{train,dev,eval}/manifest.jsonl (+ wavs/, 16 kHz).
 
     Questions are split disjointly: n_eval for eval, n_dev for early stopping, n_train (default: all
-    the rest) for training, each training question voiced `takes` times with seeded voice choices.
-    Returns the three manifest paths (train, dev, eval).
+    the rest) for training, each training question voiced `takes` times with seeded voice choices;
+    `augment` (data_gen.parse_augment) perturbs the training clips only. With n_engine_eval, the first
+    n_engine_eval eval questions are also voiced by each engine alone into root/eval-<engine>/ (the
+    leave-one-voice-out sets). Returns the three manifest paths (train, dev, eval).
     """
     from data_gen import write_manifest
 
-    if not shutil.which("espeak-ng") and any(v.startswith("espeak") for v in voices):
-        voices = [v for v in voices if not v.startswith("espeak")] or ["hibari"]
-        print(f"espeak-ng not installed: voicing with {voices} only")
     root, problems = Path(root), chain_problems(seed)
     n_train = len(problems) - n_eval - n_dev if n_train is None else n_train
     if n_eval + n_dev + n_train > len(problems):
@@ -151,8 +170,27 @@ def make_data(root, n_train: int | None = None, n_eval: int = 500, seed: int = 0
     train = [dict(p, id=f"{p['id']}-t{k}") for p in train_q for k in range(takes)]
     paths = []
     for name, rows in (("train", train), ("dev", dev_q), ("eval", eval_q)):
-        paths.append(write_manifest(rows, root / name, voices=list(voices), workers=workers, seed=seed))
+        paths.append(write_manifest(rows, root / name, voices=list(voices), workers=workers, seed=seed,
+                                    augment=augment if name == "train" else None))
+    for e in sorted({engine(v) for v in voices}) if n_engine_eval else ():
+        write_manifest(eval_q[:n_engine_eval], root / f"eval-{e}", voices=[v for v in voices if engine(v) == e],
+                       workers=workers, seed=seed)
     return tuple(paths)
+
+
+def without_engine(manifest, holdout: str | None) -> Path:
+    """The manifest's rows not voiced by engine `holdout`, as a manifest beside it (<name>-no-<engine>/, audio
+    paths pointing into the original folder); the manifest itself when holdout is None."""
+    manifest = Path(manifest)
+    if not holdout:
+        return manifest
+    from data_gen import read_manifest
+    out = manifest.parent.with_name(f"{manifest.parent.name}-no-{holdout}") / "manifest.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    rows = [dict(r, audio=f"../{manifest.parent.name}/{r['audio']}") for r in read_manifest(manifest)
+            if engine(r["voice"]) != holdout]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +476,22 @@ def train_text(model, processor, examples: list[dict], steps: int = 500, batch_s
 # ---------------------------------------------------------------------------------------------
 # Stage 0 (encoder pre-training as a CTC recogniser) and its alignments
 
+def spec_augment(feats, fmask, rng: random.Random, masks: int = 2, max_f: int = 10, max_t: int = 10) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) on Whisper features (B, n_mels, frames): per clip, `masks` bands of up to
+    max_f mel bins and `masks` spans of up to max_t frames (10 ms each) set to the clip's mean. Returns a copy."""
+    out, (B, M, _), lens = feats.clone(), feats.shape, fmask.sum(1).tolist()
+    for b in range(B):
+        mean = out[b, :, :lens[b]].mean()
+        for _ in range(masks):
+            w = rng.randint(0, max_f)
+            f0 = rng.randint(0, M - w)
+            out[b, f0:f0 + w, :lens[b]] = mean
+            w = rng.randint(0, max_t)
+            t0 = rng.randint(0, max(0, lens[b] - w))
+            out[b, :, t0:t0 + w] = mean
+    return out
+
+
 def ctc_head(model) -> torch.nn.Linear:
     """A linear CTC head on the audio encoder's output over the LM vocabulary (auxiliary, not saved
     in the model; blank = <|AUDIO|>)."""
@@ -451,10 +505,12 @@ def _ctc(logp, a_len, targets, blank, reduction="mean"):
                       torch.tensor([len(ts) for ts in targets]), blank=blank, reduction=reduction, zero_infinity=True)
 
 
-def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> list[float]:
+def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                     spec_aug: bool = True) -> list[float]:
     """Stage 0: the audio encoder learns to recognise the transcripts with CTC (head on its output), as
-    real LALMs start from a pretrained speech encoder (Whisper for Qwen2-Audio). The LM is not involved."""
-    rng = random.Random(seed)
+    real LALMs start from a pretrained speech encoder (Whisper for Qwen2-Audio). The LM is not involved.
+    spec_aug: SpecAugment on each batch's features (`spec_augment`)."""
+    rng, mask_rng = random.Random(seed), random.Random(seed + 1)
     torch.manual_seed(seed)
     blank = model.config.audio_token_id
     tower = part(model, "audio_tower")
@@ -466,7 +522,9 @@ def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32,
     bar = tqdm(range(steps), desc="stage 0 (encoder CTC)", unit="step")
     for step in bar:
         idx = [rng.randrange(len(cache.rows)) for _ in range(batch_size)]
-        _, a_len, h = audio_embeddings(model, cache.feats[idx].float(), cache.fmask[idx], return_hidden=True)
+        feats = cache.feats[idx].float()                                  # (B, n_mels, frames)
+        feats = spec_augment(feats, cache.fmask[idx], mask_rng) if spec_aug else feats
+        _, a_len, h = audio_embeddings(model, feats, cache.fmask[idx], return_hidden=True)
         loss = _ctc(head(h).log_softmax(-1), a_len, [cache.transcript[i] for i in idx], blank)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -567,7 +625,7 @@ def pseudo_audio_loss(a_emb, a_len, slots: list[list[int]], E, blank: int):
 def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: int = 1000, batch_size: int = 32,
                 lr: float = 1e-3, ctc_weight: float = 1.0, emb_weight: float = 1.0, ce_weight: float = 0.0,
                 target_audio: float = 0.42, eval_every: int = 10, fine_lr: float = 0.25, n_dev: int | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, spec_aug: bool = True) -> dict:
     """Stage 2: train audio_tower + multi_modal_projector (language model frozen), stop at target_audio.
 
     cache: the training clips (AudioCache), slots: their pseudo-audio (`pseudo_audio_slots`), head: the
@@ -579,6 +637,7 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
       per-sequence CTC / transcript length);
     - CE (off by default; it triples the step time): cross-entropy of the reference completion given
       the audio prompt, through the frozen LM, mean over completion tokens.
+    spec_aug: SpecAugment on each batch's features (`spec_augment`).
     Every eval_every steps the greedy audio accuracy on the dev manifest is measured. The accuracy rises
     steeply once the audio tokens come close to the pseudo-audio, so from target_audio / 4 on the
     learning rate is multiplied by fine_lr and the accuracy measured twice as often; training stops at
@@ -587,7 +646,7 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
     """
     tok, lm = processor.tokenizer, text_lm(model)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
+    rng, mask_rng = random.Random(seed), random.Random(seed + 1)
     for p in lm.parameters():
         p.requires_grad_(False)
     tower, projector = part(model, "audio_tower"), part(model, "multi_modal_projector")
@@ -608,6 +667,7 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
     for step in bar:
         idx = [rng.randrange(len(cache.rows)) for _ in range(batch_size)]
         feats, fmask = cache.feats[idx].float(), cache.fmask[idx]        # (B, n_mels, frames), (B, frames)
+        feats = spec_augment(feats, fmask, mask_rng) if spec_aug else feats
         a_emb, a_len, h = audio_embeddings(model, feats, fmask, return_hidden=True)   # (B, Ta, D), (B,), (B, Ta, d_a)
         emb = pseudo_audio_loss(a_emb, a_len, [slots[i] for i in idx], E, blank)
         ctc = _ctc(head(h).log_softmax(-1), a_len, [cache.transcript[i] for i in idx], blank)
@@ -672,6 +732,22 @@ def _cached(path: Path, settings: dict):
     return None
 
 
+def _load_language_model(model, processor, path: Path, poll: float = 30.0):
+    """Copy the language model (embeddings, decoder, head: everything but audio_tower and multi_modal_projector) of
+    the build in `path` into `model`; waits for it when that build is still running (its tiny_lalm.json comes last)."""
+    if not (path / "tiny_lalm.json").exists():
+        print(f"waiting for the language model in {path} (a build still running)")
+        while not (path / "tiny_lalm.json").exists():
+            time.sleep(poll)
+    other, other_processor = _load(path)
+    if other_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
+        raise ValueError(f"{path} was built with another tokenizer (other training questions); cannot share its LM")
+    lm = {k: v for k, v in other.state_dict().items() if "audio_tower" not in k and "multi_modal_projector" not in k}
+    missing, unexpected = model.load_state_dict(lm, strict=False)
+    assert not unexpected and all("audio_tower" in k or "multi_modal_projector" in k for k in missing), (missing, unexpected)
+    tie_if_configured(model)
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (the TTS workers)."""
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -679,60 +755,88 @@ def _cpu_seconds() -> float:
 
 
 def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
-                  n_dev: int = 200, takes: int = 2, voices=VOICES, chunk_seconds: int = 3, d_audio: int = 128,
+                  n_dev: int = 200, takes: int = 1, voices=VOICES, chunk_seconds: int = 3, d_audio: int = 128,
                   audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 300,
                   text_steps: int = 500, text_lr: float = 5e-3, pseudo_audio_share: float = 0.5,
                   audio_max_steps: int = 1000, audio_lr: float = 1e-3, ce_weight: float = 0.0,
                   target_audio: float = 0.42, eval_every: int = 10, batch_size: int = 64, n_stats: int | None = None,
-                  workers: int = 2, threads: int | None = None):
+                  workers: int = 2, threads: int | None = None, augment: str | None = AUGMENT, spec_aug: bool = True,
+                  n_engine_eval: int = 200, holdout: str | None = None, data_dir=None, shared_lm=None,
+                  shipped=SHIPPED, demo_train: int = 960):
     """(model, processor, train_manifest, eval_manifest) of the tiny LALM; builds and caches what is missing.
 
     cache_dir/ holds the final model (save_pretrained: safetensors + processor + tiny_lalm.json with the
-    build stats), cache_dir/stage1/ the model after stages 0 and 1, cache_dir/data/ the voiced data. A
-    stage is rebuilt only when it is missing or was built with other settings: changing a stage-2
-    setting reruns stage 2 from the cached stage 1. n_stats: eval items for the final stats (default all).
+    build stats), cache_dir/stage1/ the model after stages 0 and 1, data_dir (default cache_dir/data/) the
+    voiced data. A stage is rebuilt only when it is missing or was built with other settings: changing a
+    stage-2 setting reruns stage 2 from the cached stage 1. n_stats: eval items for the final stats (default
+    all). holdout: an engine (hibari, piper, espeak) whose clips are left out of training, dev and the returned
+    eval manifest (the leave-one-voice-out build); its own eval set data/eval-<engine>/ is scored into the stats.
+    shared_lm: a finished build's folder whose tokenizer and stage-1 language model are reused (stage 1 skipped;
+    the LM never hears: only stages 0 and 2, the audio encoder and projector, are trained here).
+    shipped: a folder with a finished model (default: tiny/ in the repository); when its tiny_lalm.json holds
+    exactly these settings it is loaded instead of building, and only the eval, dev and the first demo_train
+    training questions are voiced (what `python cord.py` reads): every user starts from the same weights.
     """
     if threads:
         torch.set_num_threads(threads)
     cache = Path(cache_dir)
-    data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices))
+    data = Path(data_dir) if data_dir else cache / "data"
+    data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices),
+                         augment=augment, n_engine_eval=n_engine_eval)
     s1_settings = dict(data_settings, chunk_seconds=chunk_seconds, d_audio=d_audio, audio_layers=audio_layers,
                        d_text=d_text, text_layers=text_layers, ctc_steps=ctc_steps, text_steps=text_steps,
-                       text_lr=text_lr, pseudo_audio_share=pseudo_audio_share, batch_size=batch_size)
+                       text_lr=text_lr, pseudo_audio_share=pseudo_audio_share, batch_size=batch_size,
+                       spec_aug=spec_aug, holdout=holdout, shared_lm=str(shared_lm) if shared_lm else None)
     settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ce_weight=ce_weight,
                     target_audio=target_audio, eval_every=eval_every, n_stats=n_stats)
-    train_m, dev_m, eval_m = (cache / "data" / s / "manifest.jsonl" for s in ("train", "dev", "eval"))
-    stats = _cached(cache, settings)
+    train_m, dev_m, eval_m = (data / s / "manifest.jsonl" for s in ("train", "dev", "eval"))
+    stats, data_json = _cached(cache, settings), data / "data.json"
+    if stats is None and shipped and _cached(Path(shipped), settings) is not None:
+        # The model in the repository was built with exactly these settings: load it, and voice only the data the
+        # demo reads (the eval set, dev, and the first demo_train training questions), unless all of it is there.
+        cache, stats = Path(shipped), _cached(Path(shipped), settings)
+        subset = dict(data_settings, n_train=min(demo_train, len(chain_problems(seed)) - n_eval - n_dev), n_engine_eval=0)
+        if not (data_json.exists() and json.loads(data_json.read_text()) in (data_settings, subset) and eval_m.exists()):
+            make_data(data, subset["n_train"], n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers,
+                      augment=augment)
+            data_json.write_text(json.dumps(subset))
     if stats is not None:
+        train_m, dev_m, eval_m = (without_engine(m, holdout) for m in (train_m, dev_m, eval_m))
         model, processor = _load(cache)
         print(f"tiny LALM from {cache}: " + ", ".join(f"{k} {stats[k]:.3f}" for k in ("acc_text", "acc_audio", "gap")))
         return model, processor, train_m, eval_m
 
     t_start, times = time.time(), {}
     cpu_start = _cpu_seconds()
-    data_json = cache / "data" / "data.json"
     if not (data_json.exists() and json.loads(data_json.read_text()) == data_settings and eval_m.exists()):
         t0 = time.time()
-        make_data(cache / "data", n_train, n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers)
+        make_data(data, n_train, n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers, augment=augment,
+                  n_engine_eval=n_engine_eval)
         data_json.write_text(json.dumps(data_settings))
         times["data_s"] = time.time() - t0
+    train_m, dev_m, eval_m = (without_engine(m, holdout) for m in (train_m, dev_m, eval_m))
     train_rows, train_base = _rows(train_m)
 
     s1 = _cached(cache / "stage1", s1_settings) if (cache / "stage1" / "ctc_head.safetensors").exists() else None
     clips = None
     if s1 is None:
         t0 = time.time()
-        corpus = [r["text"] + " " + solution(r) for r in train_rows] + [INSTRUCTION] * 50
+        # the tokenizer is trained on every training question (all engines): a holdout build's equals the full one's
+        corpus = [r["text"] + " " + solution(r) for r in _rows(data / "train" / "manifest.jsonl")[0]] + [INSTRUCTION] * 50
         processor = build_processor(corpus, chunk_seconds=chunk_seconds)
         model = build_model(processor, d_audio, audio_layers, d_text, text_layers, seed)
         clips = AudioCache(processor, train_rows, train_base)
         head = ctc_head(model)
-        ctc = pretrain_encoder(model, head, clips, ctc_steps, batch_size // 2, seed=seed)       # stage 0
+        ctc = pretrain_encoder(model, head, clips, ctc_steps, batch_size // 2, seed=seed, spec_aug=spec_aug)   # stage 0
         slots = pseudo_audio_slots(model, head, clips)
         times["stage0_s"] = time.time() - t0
         t0 = time.time()
-        losses = train_text(model, processor, train_rows, text_steps, batch_size, text_lr, seed,     # stage 1
-                            slots=slots, pseudo_audio_share=pseudo_audio_share)
+        if shared_lm:                  # another build's language model (it never hears); the hearing parts are ours
+            losses = [float("nan")]
+            _load_language_model(model, processor, Path(shared_lm) / "stage1")
+        else:
+            losses = train_text(model, processor, train_rows, text_steps, batch_size, text_lr, seed,   # stage 1
+                                slots=slots, pseudo_audio_share=pseudo_audio_share)
         acc = accuracy(model, processor, dev_m, modalities=("text",))["acc_text"]
         times["stage1_s"] = time.time() - t0
         s1 = dict(settings=s1_settings, dev_acc_text=acc, ctc_loss=float(np.mean(ctc[-50:])),
@@ -748,19 +852,33 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
 
     t0 = time.time()
     s2 = train_audio(model, processor, clips, slots, dev_m, head, audio_max_steps, batch_size // 2, audio_lr,   # stage 2
-                     ce_weight=ce_weight, target_audio=target_audio, eval_every=eval_every, seed=seed)
+                     ce_weight=ce_weight, target_audio=target_audio, eval_every=eval_every, seed=seed, spec_aug=spec_aug)
     times["stage2_s"] = time.time() - t0
     t0 = time.time()
     ev = accuracy(model, processor, eval_m, n=n_stats)
+    held = data / f"eval-{holdout}" / "manifest.jsonl"
+    if holdout and held.exists():
+        ev["heldout"] = dict(engine=holdout, **accuracy(model, processor, held, n=n_stats))
     times["eval_s"] = time.time() - t0
     stats = dict(settings=settings, **ev, stage1=s1, stage2={k: v for k, v in s2.items() if k != "loss"},
                  params=sum(p.numel() for p in model.parameters()), times=times,
                  build_minutes=(time.time() - t_start) / 60, cpu_minutes=(_cpu_seconds() - cpu_start) / 60,
                  torch_threads=torch.get_num_threads())
     print(f"tiny LALM on {ev['n']} held-out items: text {ev['acc_text']:.3f}, audio {ev['acc_audio']:.3f}, "
-          f"gap {ev['gap']:.3f} (built in {stats['build_minutes']:.1f} min)")
+          f"gap {ev['gap']:.3f} (built in {stats['build_minutes']:.1f} min)"
+          + (f"; never-heard engine {holdout}: audio {ev['heldout']['acc_audio']:.3f}" if "heldout" in ev else ""))
     _save(model, processor, cache, stats)
     return model, processor, train_m, eval_m
+
+
+def ship(cache_dir, dest=SHIPPED) -> list[Path]:
+    """Copy a finished build (weights, processor, tiny_lalm.json; not its stages or data) into dest/."""
+    dest = Path(dest)
+    dest.mkdir(exist_ok=True)
+    files = [f for f in Path(cache_dir).iterdir() if f.is_file()]
+    for f in files:
+        shutil.copy2(f, dest / f.name)
+    return [dest / f.name for f in files]
 
 
 def main(argv=None):
@@ -769,9 +887,18 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and training")
     p.add_argument("--target-audio", type=float, default=0.42, help="stage 2 stops at this dev audio accuracy")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--holdout", default=None, choices=sorted({engine(v) for v in VOICES}),
+                   help="leave this TTS engine out of training (its clips stay in the data; scored as never heard)")
+    p.add_argument("--data-dir", default=None, help="voiced data folder (default: CACHE_DIR/data; share it between builds)")
+    p.add_argument("--shared-lm", default=None, help="a finished build whose language model (stage 1) is reused")
+    p.add_argument("--ship", action="store_true", help=f"build (never load the shipped one) and copy it to {SHIPPED.name}/")
     a = p.parse_args(argv)
-    load_or_build(a.cache_dir, a.seed, target_audio=a.target_audio, threads=a.threads)
-    stats = json.loads((Path(a.cache_dir) / "tiny_lalm.json").read_text())
+    load_or_build(a.cache_dir, a.seed, target_audio=a.target_audio, threads=a.threads, holdout=a.holdout,
+                  data_dir=a.data_dir, shared_lm=a.shared_lm, shipped=None if a.ship else SHIPPED)
+    if a.ship:
+        print("\n".join(f"{f} ({f.stat().st_size / 1e6:.2f} MB)" for f in ship(a.cache_dir)))
+    where = Path(a.cache_dir) if (Path(a.cache_dir) / "model.safetensors").exists() else SHIPPED
+    stats = json.loads((where / "tiny_lalm.json").read_text())
     print(json.dumps({k: v for k, v in stats.items() if k not in ("settings", "stage2")}, indent=1))
 
 
