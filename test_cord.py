@@ -213,6 +213,29 @@ def lalm_and_batch(model_dir, manifest, n=3):
     return lalm, examples, cord.build_prompts(lalm, examples, Args.instruction)
 
 
+@pytest.mark.parametrize("fast, device, static", [("off", "cpu", False), ("auto", "cpu", False), ("on", "cpu", True),
+                                                  ("auto", "cuda", True), ("off", "cuda", False)])
+def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, speech_data, qwen2_audio_dir, monkeypatch):
+    """--compile_rollout: "on" always takes kernels.static_sample, "auto" only on CUDA, "off" never. Both paths give
+    the same tokens on CPU (test_kernels.py), so only which one ran tells a wrong dispatch; the CUDA case is faked
+    (a prompt that says is_cuda), and the static path is a spy that returns fixed tokens."""
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
+    x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
+    calls = []
+    monkeypatch.setattr(cord.kernels, "static_sample", lambda *a: calls.append(a) or (torch.zeros(4, 1, dtype=torch.long),
+                                                                                        torch.ones(4, 1, dtype=torch.bool)))
+    if device == "cuda":
+        x = type("CudaLike", (torch.Tensor,), {"is_cuda": property(lambda self: True)})(x)  # only sample's check sees CUDA
+        monkeypatch.setattr(cord.kernels, "static_supported", lambda decoder: True)
+    y, m = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 3, fast=fast)
+    assert len(calls) == static and (y.shape == (4, 1)) == static
+    if static:  # the arguments the static path needs, in its order
+        decoder, head, x_, mask, n, tau, T, eos, suppress, pad = calls[0]
+        assert (decoder, head) == (lalm.base.get_decoder(), lalm.base.get_output_embeddings())
+        assert x_ is x and mask is P["audio_mask"] and (n, tau, T) == (2, 0.0, 3)
+        assert (eos, suppress) == (lalm.eos_ids, lalm.suppress_ids) and pad == lalm.tokenizer.pad_token_id
+
+
 @pytest.mark.parametrize("family", ["qwen2_audio", "omni"])
 def test_aligned_completion_logits_equal_per_prefix_forward(family, speech_data, qwen2_audio_dir, omni_dir):
     """Both prompts' completion logits, aligned on the same tokens, equal the model's own forward
