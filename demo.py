@@ -61,7 +61,7 @@ def demo(args: Args, **build):
         plumbing.prepare_output(output, args.resume, overwrite=args.overwrite or (output == DEMO["output"] and not args.resume))
     clock = time.time()
     model, _, train_m, eval_m = load_or_build(seed=args.seed, **build)
-    args = demo_args(args, model=str(Path(train_m).parents[2]), data=str(train_m))
+    args = demo_args(args, model=model.name_or_path, data=str(train_m))  # the build, or the copy shipped in tiny/
     built = time.time() - clock
     examples, ev = load_manifest(args.data), load_manifest(str(eval_m))[: args.eval_limit]
     out = Path(args.output)
@@ -78,8 +78,9 @@ def demo(args: Args, **build):
     print(f"{'':10}{'text acc':>10}{'audio acc':>11}{'gap':>8}")
     for name, s in (("before", base), ("after", after)):
         print(f"{name:10}{s['acc_text']:10.1f}{s['acc_audio']:11.1f}{s['gap']:8.1f}")
-    print(f"gap reduction: {100 * after.get('gap_reduction', 0):.1f} %  (paper: 41.6 % Qwen2-Audio, 44.8 % Step-Audio2)")
-    return {"before": base, "after": after, "minutes": minutes}
+    red = after.get("gap_reduction")  # absent when the base model has no gap to close
+    print(f"gap reduction: {'n/a (no gap before)' if red is None else f'{100 * red:.1f} %'}  (paper: 41.6 % Qwen2-Audio, 44.8 % Step-Audio2)")
+    return {"before": base, "after": after, "minutes": minutes, "build_minutes": built / 60, "model": args.model}
 
 
 def compare(args: Args, examples, ev) -> dict:

@@ -24,6 +24,12 @@ def test_demo_default_path_smoke(tmp_path):
     res = demo.demo(args, **build)
     assert set(res["runs"]) == {"opd-seed0", "cord-seed0"} and len(res["runs"]["cord-seed0"]) == 3  # step 0, 1, 2
     assert (tmp_path / "cmp/results.md").is_file() and (tmp_path / "cmp/curves.png").stat().st_size > 1000
+    # a fresh clone: the model shipped in the repository (same settings) is what the demo trains, not a new build
+    import tiny_lalm
+    tiny_lalm.ship(tmp_path / "tiny", tmp_path / "shipped")
+    fresh = dict(build, cache_dir=tmp_path / "fresh", shipped=tmp_path / "shipped", demo_train=4)
+    out = demo.demo(replace(args, compare=False, output=str(tmp_path / "run-fresh"), steps=1), **fresh)
+    assert out["model"] == str(tmp_path / "shipped") and not (tmp_path / "fresh/model.safetensors").exists()
     # demo.py --leave-one-out: built without espeak (the same data, the LM above shared), heard on espeak, CORD
     build["cache_dir"] = str(build["cache_dir"])
     rows = demo.leave_one_out(replace(args, output=str(tmp_path / "loo")), engines=("espeak",), limit=3, **build)

@@ -152,7 +152,7 @@ def test_tiny_voices_from_pip_and_augmentations():
     y = to_16k(a, sr)
     assert sr == 22050 and 1.0 < len(y) / 16000 < 3.0 and np.sqrt(np.mean(y ** 2)) > 0.01 and len(a) != len(b)
     assert {tiny_lalm.engine(v) for v in tiny_lalm.VOICES} == {"hibari", "piper", "espeak"}
-    assert len(augment(y, {"speed": 1.25})) == round(len(y) / 1.25) and len(augment(y, {"vtlp": 0.9})) == len(y)
+    assert abs(len(augment(y, {"speed": 1.25})) - len(y) / 1.25) <= 1 and len(augment(y, {"vtlp": 0.9})) == len(y)
     np.testing.assert_allclose(vtlp(y, 1.0), y, atol=1e-5)
     noisy = augment(y * 0.5, {"snr": 10.0}, "k")
     snr = 10 * np.log10(np.mean((y * 0.5) ** 2) / np.mean((noisy - y * 0.5) ** 2))
