@@ -506,10 +506,12 @@ def _ctc(logp, a_len, targets, blank, reduction="mean"):
 
 
 def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                     spec_aug: bool = True) -> list[float]:
+                     spec_aug: bool = True, target: float | None = None) -> list[float]:
     """Stage 0: the audio encoder learns to recognise the transcripts with CTC (head on its output), as
     real LALMs start from a pretrained speech encoder (Whisper for Qwen2-Audio). The LM is not involved.
-    spec_aug: SpecAugment on each batch's features (`spec_augment`)."""
+    spec_aug: SpecAugment on each batch's features (`spec_augment`). target: stop once the mean CTC loss of the
+    last 50 steps is at most this (the alignments that stages 1 and 2 learn from are only as good as the
+    recogniser: at a loss of ~2 they are noise); `steps` is then the cap."""
     rng, mask_rng = random.Random(seed), random.Random(seed + 1)
     torch.manual_seed(seed)
     blank = model.config.audio_token_id
@@ -532,6 +534,8 @@ def pretrain_encoder(model, head, cache, steps: int = 300, batch_size: int = 32,
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             bar.set_postfix(ctc=f"{np.mean(losses[-50:]):.3f}")
+            if target is not None and np.mean(losses[-50:]) <= target:
+                break
     tower.eval()
     return losses
 
@@ -756,7 +760,7 @@ def _cpu_seconds() -> float:
 
 def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
                   n_dev: int = 200, takes: int = 1, voices=VOICES, chunk_seconds: int = 3, d_audio: int = 128,
-                  audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 300,
+                  audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 1500, ctc_target: float | None = 0.6,
                   text_steps: int = 500, text_lr: float = 5e-3, pseudo_audio_share: float = 0.5,
                   audio_max_steps: int = 1000, audio_lr: float = 1e-3, ce_weight: float = 0.0,
                   target_audio: float = 0.42, eval_every: int = 10, batch_size: int = 64, n_stats: int | None = None,
@@ -784,7 +788,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
     data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices),
                          augment=augment, n_engine_eval=n_engine_eval)
     s1_settings = dict(data_settings, chunk_seconds=chunk_seconds, d_audio=d_audio, audio_layers=audio_layers,
-                       d_text=d_text, text_layers=text_layers, ctc_steps=ctc_steps, text_steps=text_steps,
+                       d_text=d_text, text_layers=text_layers, ctc_steps=ctc_steps, ctc_target=ctc_target, text_steps=text_steps,
                        text_lr=text_lr, pseudo_audio_share=pseudo_audio_share, batch_size=batch_size,
                        spec_aug=spec_aug, holdout=holdout, shared_lm=str(shared_lm) if shared_lm else None)
     settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ce_weight=ce_weight,
@@ -827,7 +831,8 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         model = build_model(processor, d_audio, audio_layers, d_text, text_layers, seed)
         clips = AudioCache(processor, train_rows, train_base)
         head = ctc_head(model)
-        ctc = pretrain_encoder(model, head, clips, ctc_steps, batch_size // 2, seed=seed, spec_aug=spec_aug)   # stage 0
+        ctc = pretrain_encoder(model, head, clips, ctc_steps, batch_size // 2, seed=seed, spec_aug=spec_aug,   # stage 0
+                               target=ctc_target)
         slots = pseudo_audio_slots(model, head, clips)
         times["stage0_s"] = time.time() - t0
         t0 = time.time()
@@ -839,7 +844,7 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
                                 slots=slots, pseudo_audio_share=pseudo_audio_share)
         acc = accuracy(model, processor, dev_m, modalities=("text",))["acc_text"]
         times["stage1_s"] = time.time() - t0
-        s1 = dict(settings=s1_settings, dev_acc_text=acc, ctc_loss=float(np.mean(ctc[-50:])),
+        s1 = dict(settings=s1_settings, dev_acc_text=acc, ctc_loss=float(np.mean(ctc[-50:])), ctc_steps_run=len(ctc),
                   text_loss=float(np.mean(losses[-50:])), seconds=times["stage0_s"] + times["stage1_s"])
         print(f"stage 0: CTC loss {s1['ctc_loss']:.3f}; stage 1: dev text accuracy {acc:.3f}")
         _save(model, processor, cache / "stage1", s1, head)
