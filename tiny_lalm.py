@@ -13,7 +13,8 @@ sum floats in a different order and give different models), in stages, each cach
           AUGMENT) so that the model hears speakers, not one voice; eval and dev questions are disjoint
           from the training questions; data/eval-<engine>/ holds eval questions voiced by one engine;
     0     the audio encoder is pretrained as a CTC speech recogniser (as Qwen2-Audio's starts from
-          Whisper; SpecAugment on its features in stages 0 and 2); its forced alignments turn every training clip into "pseudo-audio": the audio slot
+          Whisper; SpecAugment on its features in stages 0 and 2), until its CTC loss is low (ctc_target);
+          its forced alignments turn every training clip into "pseudo-audio": the audio slot
           written in tokens, each word's token at the frame where it is spoken, <|AUDIO|> elsewhere;
     1     the language model learns the task, teacher-forced, from text prompts and (half of each
           batch) from pseudo-audio prompts, answering with a short chain:
