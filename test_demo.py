@@ -32,7 +32,8 @@ def test_demo_default_path_smoke(tmp_path):
     assert out["model"] == str(tmp_path / "shipped") and not (tmp_path / "fresh/model.safetensors").exists()
     # demo.py --leave-one-out: built without espeak (the same data, the LM above shared), heard on espeak, CORD
     build["cache_dir"] = str(build["cache_dir"])
-    rows = demo.leave_one_out(replace(args, output=str(tmp_path / "loo")), engines=("espeak",), limit=3, **build)
+    rows = demo.leave_one_out(replace(args, output=str(tmp_path / "loo")), engines=("espeak",), limit=3, shared_lm=True,
+                             **build)
     assert [(r["engine"], r["set"], r["n"]) for r in rows] == [("espeak", "in-voice", 1), ("espeak", "held-out", 3)]
     train = read_manifest(tmp_path / "tiny/data/train-no-espeak/manifest.jsonl")
     assert train and all(r["voice"] == "hibari" for r in train)
