@@ -226,7 +226,7 @@ def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, s
                                                                                         torch.ones(4, 1, dtype=torch.bool)))
     if device == "cuda":
         x = type("CudaLike", (torch.Tensor,), {"is_cuda": property(lambda self: True)})(x)  # only sample's check sees CUDA
-        monkeypatch.setattr(cord.kernels, "static_supported", lambda decoder: True)
+        monkeypatch.setattr(cord.kernels, "static_supported", lambda decoder: decoder is lalm.base.get_decoder())
     y, m = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 3, fast=fast)
     assert len(calls) == static and (y.shape == (4, 1)) == static
     if static:  # the arguments the static path needs, in its order
@@ -234,6 +234,28 @@ def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, s
         assert (decoder, head) == (lalm.base.get_decoder(), lalm.base.get_output_embeddings())
         assert x_ is x and mask is P["audio_mask"] and (n, tau, T) == (2, 0.0, 3)
         assert (eos, suppress) == (lalm.eos_ids, lalm.suppress_ids) and pad == lalm.tokenizer.pad_token_id
+
+
+def test_greedy_sample_of_a_left_padded_batch_equals_each_prompt_alone(speech_data, qwen2_audio_dir):
+    """The prefill's attention mask and positions: prompts of different lengths, left-padded into one batch, give
+    each prompt the greedy completion it gets alone (no padding at all)."""
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=3)
+    lalm.model.eval()
+    x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
+    mask = P["audio_mask"]
+    assert (mask.sum(1) != mask.shape[1]).any()  # some prompt is padded
+    seen = []  # the hidden states the head reads at each step (tokens alone can hide a change on a random model)
+    hook = lalm.base.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    y, m = cord.sample(lalm, x, mask, 1, 0.0, 8)
+    batch, seen[:] = list(seen), []
+    for b in range(3):
+        keep = mask[b].bool()
+        y1, m1 = cord.sample(lalm, x[b:b + 1, keep], mask[b:b + 1, keep], 1, 0.0, 8)
+        assert torch.equal(y[b][m[b]], y1[0][m1[0]]), b
+        for t in range(int(m1[0].sum())):  # prefill's last position, then each decode step
+            torch.testing.assert_close(batch[t][b], seen[t][0], atol=1e-5, rtol=1e-4)
+        seen[:] = []
+    hook.remove()
 
 
 @pytest.mark.parametrize("family", ["qwen2_audio", "omni"])
