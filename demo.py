@@ -80,7 +80,7 @@ def demo(args: Args, **build):
         print(f"{name:10}{s['acc_text']:10.1f}{s['acc_audio']:11.1f}{s['gap']:8.1f}")
     red = after.get("gap_reduction")  # absent when the base model has no gap to close
     print(f"gap reduction: {'n/a (no gap before)' if red is None else f'{100 * red:.1f} %'}  (paper: 41.6 % Qwen2-Audio, 44.8 % Step-Audio2)")
-    return {"before": base, "after": after, "minutes": minutes, "build_minutes": built / 60, "model": args.model}
+    return {"before": base, "after": after, "minutes": minutes, "model": args.model}
 
 
 def compare(args: Args, examples, ev) -> dict:
@@ -156,10 +156,10 @@ def leave_one_out(args: Args, engines=("hibari", "piper", "espeak"), limit: int 
             rows += json.loads(done.read_text())
             continue
         clock = time.time()
-        _, _, train_m, eval_m = load_or_build(cache_dir=f"{cache_dir}-no-{e}", data_dir=f"{cache_dir}/data", holdout=e,
-                                              shared_lm=cache_dir if shared_lm else None, seed=args.seed, **build)
+        model, _, train_m, eval_m = load_or_build(cache_dir=f"{cache_dir}-no-{e}", data_dir=f"{cache_dir}/data", holdout=e,
+                                                  shared_lm=cache_dir if shared_lm else None, seed=args.seed, **build)
         built = time.time() - clock
-        a = replace(demo_args(args), model=f"{cache_dir}-no-{e}", data=str(train_m), output=str(root / f"no-{e}"))
+        a = replace(demo_args(args), model=model.name_or_path, data=str(train_m), output=str(root / f"no-{e}"))
         plumbing.prepare_output(a.output, False, overwrite=True)
         sets = {"in-voice": load_manifest(str(eval_m))[:limit],
                 "held-out": load_manifest(str(Path(eval_m).parents[1] / f"eval-{e}" / "manifest.jsonl"))[:limit]}

@@ -52,4 +52,3 @@ def test_the_demo_never_overwrites_a_real_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="holds a run"):
         demo.demo(Args(output=str(tmp_path / "run")))
     assert (tmp_path / "run/metrics.jsonl").read_text() == '{"step": 1}\n'
-

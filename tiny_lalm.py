@@ -737,13 +737,11 @@ def _cached(path: Path, settings: dict):
     return None
 
 
-def _load_language_model(model, processor, path: Path, poll: float = 30.0):
+def _load_language_model(model, processor, path: Path):
     """Copy the language model (embeddings, decoder, head: everything but audio_tower and multi_modal_projector) of
-    the build in `path` into `model`; waits for it when that build is still running (its tiny_lalm.json comes last)."""
+    the finished stage 1 in `path` into `model`."""
     if not (path / "tiny_lalm.json").exists():
-        print(f"waiting for the language model in {path} (a build still running)")
-        while not (path / "tiny_lalm.json").exists():
-            time.sleep(poll)
+        raise FileNotFoundError(f"{path}: no finished stage 1 to share its language model; build that model first")
     other, other_processor = _load(path)
     if other_processor.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
         raise ValueError(f"{path} was built with another tokenizer (other training questions); cannot share its LM")
@@ -796,10 +794,11 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
                     target_audio=target_audio, eval_every=eval_every, n_stats=n_stats)
     train_m, dev_m, eval_m = (data / s / "manifest.jsonl" for s in ("train", "dev", "eval"))
     stats, data_json = _cached(cache, settings), data / "data.json"
-    if stats is None and shipped and _cached(Path(shipped), settings) is not None:
+    shipped_stats = _cached(Path(shipped), settings) if stats is None and shipped else None
+    if shipped_stats is not None:
         # The model in the repository was built with exactly these settings: load it, and voice only the data the
         # demo reads (the eval set, dev, and the first demo_train training questions), unless all of it is there.
-        cache, stats = Path(shipped), _cached(Path(shipped), settings)
+        cache, stats = Path(shipped), shipped_stats
         subset = dict(data_settings, n_train=min(demo_train, len(chain_problems(seed)) - n_eval - n_dev), n_engine_eval=0)
         if not (data_json.exists() and json.loads(data_json.read_text()) in (data_settings, subset) and eval_m.exists()):
             make_data(data, subset["n_train"], n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers,
