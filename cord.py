@@ -381,9 +381,9 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
     if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and kernels.static_supported(decoder)):  # static KV cache + CUDA graph
         return kernels.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, lalm.eos_ids, lalm.suppress_ids, pad)
     pos = _positions(prompt_mask)  # (B, S)
+    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # 5.24 renamed it
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # transformers 5.24 renamed it
-    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    cache = getattr(out, cache_kw)  # the output field has the argument's name
     cache.batch_repeat_interleave(n)  # share the prompt encoding across the n samples
     h = out.last_hidden_state[:, -1].repeat_interleave(n, 0)  # (B*n, C)
     mask = prompt_mask.repeat_interleave(n, 0)  # (B*n, S)

@@ -13,6 +13,7 @@ import shutil
 import sys
 import types
 import typing
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -234,6 +235,17 @@ def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, s
         assert (decoder, head) == (lalm.base.get_decoder(), lalm.base.get_output_embeddings())
         assert x_ is x and mask is P["audio_mask"] and (n, tau, T) == (2, 0.0, 3)
         assert (eos, suppress) == (lalm.eos_ids, lalm.suppress_ids) and pad == lalm.tokenizer.pad_token_id
+
+
+def test_sample_passes_the_kv_cache_under_the_name_the_installed_transformers_uses(speech_data, qwen2_audio_dir):
+    """transformers 5.24 renamed past_key_values to cache; the old name still works there, with a FutureWarning, until
+    it is removed. sample must use the installed version's name (CI runs 5.x and 4.57), so no FutureWarning."""
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
+    x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        y, _ = cord.sample(lalm, x, P["audio_mask"], 2, 1.0, 4)
+    assert y.shape[1] > 1  # the decode loop ran: the cache was passed back at least once
 
 
 def test_greedy_sample_of_a_left_padded_batch_equals_each_prompt_alone(speech_data, qwen2_audio_dir):
