@@ -248,6 +248,27 @@ def test_sample_passes_the_kv_cache_under_the_name_the_installed_transformers_us
     assert y.shape[1] > 1  # the decode loop ran: the cache was passed back at least once
 
 
+def test_each_sampled_token_was_drawn_from_the_state_the_training_forward_computes_for_it(speech_data, qwen2_audio_dir):
+    """On-policy (departure 1): the hidden state the head read to draw y_t, one token at a time from the KV cache
+    (n samples sharing one prefill), equals the one completion_hidden gives y_t in one forward over prompt + y, which
+    is what the loss differentiates. A wrong decode position, mask or cache would draw from another distribution."""
+    lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=3)
+    lalm.model.eval()
+    x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
+    mask = P["audio_mask"]
+    assert (mask.sum(1) != mask.shape[1]).any()  # some prompt is padded
+    seen = []
+    hook = lalm.base.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    torch.manual_seed(0)
+    y, m = cord.sample(lalm, x, mask, 2, 1.0, 8)
+    hook.remove()
+    assert len(seen) == y.shape[1] >= 4
+    with torch.no_grad():
+        h = cord.completion_hidden(lalm, x.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), y, m)  # (6, T, C)
+    for t in range(y.shape[1]):
+        torch.testing.assert_close(seen[t][m[:, t]], h[m[:, t], t], atol=1e-5, rtol=1e-4, msg=f"step {t}")
+
+
 def test_greedy_sample_of_a_left_padded_batch_equals_each_prompt_alone(speech_data, qwen2_audio_dir):
     """The prefill's attention mask and positions: prompts of different lengths, left-padded into one batch, give
     each prompt the greedy completion it gets alone (no padding at all)."""
@@ -1205,12 +1226,13 @@ def test_mut_sampler_draws_each_row_at_its_own_temperature(speech_data, qwen2_au
 def translated_sample(lalm, args):  # fixed_sample for any temperatures: args.temperature plays the OPD row, others the GRPO rows
     fake, calls = fixed_sample(lalm), []
 
-    def sample(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, **kw):
+    def sample(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, fast="off"):
         calls.append((prompt_embeds.shape[0], n, temperature, max_new_tokens))
         if isinstance(temperature, list):
             temperature = [Args.temperature if t == args.temperature else Args.grpo_temperature for t in temperature]
-        calls[-1] += fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, **kw)
-        return calls[-1][-2:]
+        y, m = fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens)
+        calls[-1] += (y, m, fast)
+        return y, m
 
     return sample, calls
 
@@ -1230,12 +1252,13 @@ def test_mut_rollouts_sample_what_each_objective_needs_and_the_step_logs_it(obje
                                                                              qwen2_audio_dir, monkeypatch):
     """The sampler calls of one step (prompts, n, temperatures, T), and the metrics train_step logs about them."""
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective,
-                                             ref_temperature=0.3, **extra)
+                                             ref_temperature=0.3, compile_rollout="on", **extra)
     sample, calls = translated_sample(lalm, args)
     monkeypatch.setattr(cord, "sample", sample)
     judge = cord.make_judge(args, lalm) if objective in ("cord", "grpo", "opd+grpo") else None
     _, m = cord.train_step(lalm, teacher, judge, examples, args)
     assert [c[:4] for c in calls] == want
+    assert [c[6] for c in calls] == ["on"] * len(want)  # --compile_rollout reaches every sampler call
     audio = [c for c in calls if isinstance(c[2], list)]
     if audio:  # rollout_tokens: every audio rollout token sampled; completion_len: mean length of the GRPO rows
         assert m["rollout_tokens"] == audio[0][5].sum().item()
