@@ -843,19 +843,20 @@ def test_total_loss_gradient_is_L_tok_plus_lambda_L_seq(speech_data, qwen2_audio
 
 @pytest.mark.parametrize("objective", ["cord", "opd", "grpo", "opd+grpo", "sft", "fkl"])
 def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_audio_dir, monkeypatch):
-    """L = 1 * L_tok + lam * L_seq with the terms the objective names; the token weights of Eq. 4-5 only for cord.
+    """L = 1 * L_tok + lam * L_seq with the terms the objective names; the token weights of Eq. 4-5 only for cord; the
+    reductions the user chose (--normalize, --grpo_reduction; not the defaults here) reach Eq. 7 and Eq. 10.
 
     Each term returned by its loss function gets a probe p (value + p - p, so the value is unchanged): after the
     backward of train_step, p.grad is the coefficient with which that term entered the total loss."""
     lam, alpha, beta = 0.3, 3.0, 2.5
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective, lam=lam,
-                                             alpha=alpha, beta=beta, reward_ref="both")
-    probes, values, weights = {}, {}, []
+                                             alpha=alpha, beta=beta, reward_ref="both", normalize="length", grpo_reduction="token")
+    probes, values, passed = {}, {}, {}
 
     def probed(name, real):
         def spy(*a, **kw):
-            if name == "tok":
-                weights.append(a[3:5])  # (alpha, beta) as passed: weighted_token_loss(D, mask, k, alpha, beta, normalize)
+            passed[name] = a[3:] if name == "tok" else a[4:]  # weighted_token_loss(D, mask, k, alpha, beta, normalize),
+            # grpo_loss(logp, old_logp, A, mask, eps, group_size, reduction): the settings as passed
             out = real(*a, **kw)  # (loss, metrics); baseline_loss: the loss alone
             loss = out[0] if isinstance(out, tuple) else out
             assert name not in probes  # each term computed once per step
@@ -872,7 +873,9 @@ def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_
             "sft": {"baseline": 1.0}, "fkl": {"baseline": 1.0}}[objective]
     assert {name: p.grad.item() for name, p in probes.items()} == pytest.approx(want)
     if "tok" in want:  # Eq. 4-5 weights for cord, uniform (Eq. 3) for opd and opd+grpo
-        assert weights == [(alpha, beta) if objective == "cord" else (1.0, 1.0)]
+        assert passed["tok"] == ((alpha, beta) if objective == "cord" else (1.0, 1.0)) + ("length",)
+    if "seq" in want:
+        assert passed["seq"] == (args.clip_eps, args.group_size, "token")
     assert m["loss"] == pytest.approx(sum(c * values[name] for name, c in want.items()), abs=1e-6)
     assert ("loss_tok" in m, "loss_seq" in m, f"loss_{objective}" in m) == ("tok" in want, "seq" in want, "baseline" in want)
 
