@@ -1253,11 +1253,19 @@ ROLLOUT_CASES = [  # objective, extra args -> the sample calls (rows, n, tempera
 @pytest.mark.parametrize("objective,extra,want", ROLLOUT_CASES)
 def test_mut_rollouts_sample_what_each_objective_needs_and_the_step_logs_it(objective, extra, want, speech_data,
                                                                              qwen2_audio_dir, monkeypatch):
-    """The sampler calls of one step (prompts, n, temperatures, T), and the metrics train_step logs about them."""
+    """The sampler calls of one step (prompts, n, temperatures, T), the metrics train_step logs about them, the
+    prompts it builds (the user's instruction and system prompt) and the teacher passes (only where a loss reads them)."""
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective,
-                                             ref_temperature=0.3, compile_rollout="on", **extra)
+                                             ref_temperature=0.3, compile_rollout="on", instruction="Say the answer.",
+                                             system_prompt="Be brief.", **extra)
     sample, calls = translated_sample(lalm, args)
     monkeypatch.setattr(cord, "sample", sample)
+    built, taught, build_prompts, hidden = [], [], cord.build_prompts, teacher.hidden
+    monkeypatch.setattr(cord, "build_prompts", lambda lalm_, ex, *a: built.append(a) or build_prompts(lalm_, ex, *a))
+    monkeypatch.setattr(teacher, "hidden", lambda *a: taught.append(a) or hidden(*a))
+    phases, Clock = [], plumbing.Clock  # the clock's phases in the order the step enters them
+    monkeypatch.setattr(plumbing, "Clock", type("Clock", (Clock,), {
+        "__call__": lambda self, name: phases.append(name) or Clock.__call__(self, name)}))
     judge = cord.make_judge(args, lalm) if objective in ("cord", "grpo", "opd+grpo") else None
     _, m = cord.train_step(lalm, teacher, judge, examples, args)
     assert [c[:4] for c in calls] == want
@@ -1270,7 +1278,10 @@ def test_mut_rollouts_sample_what_each_objective_needs_and_the_step_logs_it(obje
             assert m["completion_len"] == pytest.approx(group.sum(-1).float().mean().item())
     else:
         assert "rollout_tokens" not in m
-    assert {"t_prompts", "t_student", "t_rollout", "t_judge", "t_teacher"} <= set(m) and None not in m
+    assert phases == ["t_prompts", "t_student", "t_rollout", "t_judge", "t_teacher", "t_student"]  # encoder + student
+    assert {k for k in m if k.startswith("t_")} == set(phases)
+    assert None not in m and built == [("Say the answer.", "Be brief.")]
+    assert len(taught) == (objective in ("cord", "opd", "opd+grpo", "fkl"))  # sft and grpo read no teacher
     if objective in ("cord", "opd"):
         assert {"loss_tok", "kl_mean", "kl_top_share", "k_eff_frac", "kl_p50"} <= set(m)
 
