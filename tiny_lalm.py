@@ -723,7 +723,7 @@ def _save(model, processor, path: Path, stats: dict, head=None):
 def _load(path: Path):
     from transformers import AutoProcessor
     model = Qwen2AudioForConditionalGeneration.from_pretrained(path)
-    tie_if_configured(model)
+    tie_if_configured(model, loaded_from=path)
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
