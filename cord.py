@@ -87,7 +87,7 @@ class Args:
     compare: bool = field(default=False, metadata={"help": "tiny demo: every objective x --compare_seeds, table + plot"})
     compare_seeds: int = field(default=3, metadata={"help": "seeds per objective with --compare"})
     compare_objectives: str = field(default="sft,fkl,grpo,opd,opd+grpo,cord", metadata={"help": "objectives for --compare"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate --eval_data (demo: the curves) every n steps; 0 = before/after"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate --eval_data (the demo: its eval set) every n steps; 0 = before/after"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 per process when several share the cores)"})
     objective: Literal[OBJECTIVES] = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
     teacher: Literal["live", "frozen"] = field(default="live", metadata={"help": "live: current weights; frozen: initial weights"})

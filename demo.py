@@ -70,7 +70,7 @@ def demo(args: Args, **build):
     lalm = setup(args)
     base = evaluate(lalm, ev, args, str(out / "eval-base"))
     clock = time.time()
-    train(lalm, examples, args)
+    train(lalm, examples, args, eval_sets={"eval": ev} if args.eval_every else None)  # --eval_every: eval.jsonl, eval.md
     minutes = (time.time() - clock) / 60
     after = evaluate(lalm, ev, args, str(out / "eval-final"), base)
     print(f"\ntiny LALM ({sum(p.numel() for p in lalm.model.parameters()) / 1e6:.1f} M params), {len(ev)} held-out spoken problems,"

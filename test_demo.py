@@ -30,6 +30,8 @@ def test_demo_default_path_smoke(tmp_path):
     fresh = dict(build, cache_dir=tmp_path / "fresh", shipped=tmp_path / "shipped", demo_train=4)
     out = demo.demo(replace(args, compare=False, output=str(tmp_path / "run-fresh"), steps=1), **fresh)
     assert out["model"] == str(tmp_path / "shipped") and not (tmp_path / "fresh/model.safetensors").exists()
+    curve = [json.loads(line) for line in (tmp_path / "run-fresh/eval.jsonl").read_text().splitlines()]  # --eval_every 1
+    assert [(r["step"], r["set"]) for r in curve] == [(0, "eval"), (1, "eval")]
     # demo.py --leave-one-out: built without espeak (the same data, the LM above shared), heard on espeak, CORD
     build["cache_dir"] = str(build["cache_dir"])
     rows = demo.leave_one_out(replace(args, output=str(tmp_path / "loo")), engines=("espeak",), limit=3, shared_lm=True,
