@@ -1,7 +1,7 @@
 """Shared fixtures of the test suite (all CPU): real TTS speech, tiny models of the real architectures built here.
 
 The suite, one file per module (STYLE.md): test_cord.py (loss math against slow loops and hand tables,
-the whole method on tiny Qwen2-Audio / Qwen2.5-Omni thinker), test_kernels.py, test_plumbing.py
+the whole method on tiny Qwen2-Audio / Qwen2.5-Omni thinker), test_cordkit/chunked.py, test_plumbing.py
 (checkpoints, resume, torchrun, SIGKILL), test_judge.py, test_data_gen.py, test_tiny_lalm.py,
 test_demo.py; the docstring examples run too (`--doctest-modules`). Helpers that several files use
 are imported from here (`from conftest import QUESTIONS, rand_case, run_main`).
@@ -47,7 +47,7 @@ def speech_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen2_audio_dir(tmp_path_factory):
-    from tiny_lalm import build_model, build_processor
+    from demo.tiny_lalm import build_model, build_processor
 
     corpus = [q for q, _ in QUESTIONS] * 10 + [f"The answer is {a}." for _, a in QUESTIONS] * 10
     processor = build_processor(corpus, vocab_size=300)

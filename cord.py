@@ -35,7 +35,7 @@ Departures from the paper (each switchable unless noted):
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
 10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
     wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
-11. kernels.py: the losses in bounded memory, same values and gradients (`--chunk_size 0`: the reference functions);
+11. cordkit/chunked.py: the losses in bounded memory, same values and gradients (`--chunk_size 0`: the reference functions);
     on CUDA the rollouts over a static KV cache, one CUDA graph per token, same semantics (`--compile_rollout off`: eager).
 The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo.py says which.
 """
@@ -60,10 +60,10 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import judge as judge_lib
-import kernels
-import plumbing
-from data_gen import check_durations, load_audio, load_manifest
-from families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
+from cordkit import chunked
+from cordkit import plumbing
+from cordkit.manifest import check_durations, load_audio, load_manifest
+from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
 POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")  # value ranges, checked at parse time: these > 0, and MIN_VALUE's >=
@@ -119,8 +119,8 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     batch_size: int = field(default=8, metadata={"help": "B: audio prompts per step"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (kernels.py); 0 = the plain reference"})
-    compile_rollout: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "rollouts: static KV cache + CUDA graph (kernels.py); auto = on CUDA"})
+    chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (cordkit/chunked.py); 0 = the plain reference"})
+    compile_rollout: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     long_audio: Literal["refuse", "drop", "cut"] = field(default="refuse", metadata={"help": "clips over the encoder's window: cut = it hears their start"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
@@ -209,7 +209,7 @@ def completion_logits(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
 # ----------------------------------------------------------------------------------------------
 # Loss math (Eq. 2-7). Pure functions: tensors in, tensors out; each can be copied alone.
 # Logits are aligned: index t is the distribution over completion token t; mask (B, T) is True on
-# real completion tokens (right padding). `chunk_size` hands the same computation to kernels.py.
+# real completion tokens (right padding). `chunk_size` hands the same computation to cordkit/chunked.py.
 
 
 def token_reverse_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> D (B, T)
@@ -220,7 +220,7 @@ def token_reverse_kl(student_logits, teacher_logits, mask, chunk_size=None):  # 
     0.1438
     """
     if chunk_size is not None:  # same values and gradients, bounded memory
-        return kernels.chunked_kl(student_logits, teacher_logits, chunk_size) * mask
+        return chunked.chunked_kl(student_logits, teacher_logits, chunk_size) * mask
     log_p_a = F.log_softmax(student_logits.float(), -1)  # (B, T, V) student: heard
     log_p_t = F.log_softmax(teacher_logits.detach().float(), -1)  # (B, T, V) teacher: read, stop-gradient
     return (log_p_a.exp() * (log_p_a - log_p_t)).sum(-1) * mask  # (B, T) sum_v p_a (log p_a - log p_t)
@@ -229,7 +229,7 @@ def token_reverse_kl(student_logits, teacher_logits, mask, chunk_size=None):  # 
 def token_forward_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> (B, T)
     """KL(sg pi_t || pi_s): the off-policy Forward-KL baseline, on text-conditioned trajectories."""
     if chunk_size is not None:
-        return kernels.chunked_kl(student_logits, teacher_logits, chunk_size, reverse=False) * mask
+        return chunked.chunked_kl(student_logits, teacher_logits, chunk_size, reverse=False) * mask
     log_p_s, log_p_t = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1)
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * mask
 
@@ -237,7 +237,7 @@ def token_forward_kl(student_logits, teacher_logits, mask, chunk_size=None):  # 
 def token_logprobs(logits, y, chunk_size=None):  # -> (B, T)
     """log pi(y_t | ...) at temperature 1 (GRPO's log pi_theta in Eq. 10)."""
     if chunk_size is not None:
-        return kernels.chunked_logprobs(logits, y, chunk_size)
+        return chunked.chunked_logprobs(logits, y, chunk_size)
     return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
 
 
@@ -378,8 +378,8 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
     """
     decoder, head = lalm.base.get_decoder(), lalm.base.get_output_embeddings()
     pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
-    if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and kernels.static_supported(decoder)):  # static KV cache + CUDA graph
-        return kernels.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, lalm.eos_ids, lalm.suppress_ids, pad)
+    if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and chunked.static_supported(decoder)):  # static KV cache + CUDA graph
+        return chunked.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, lalm.eos_ids, lalm.suppress_ids, pad)
     pos = _positions(prompt_mask)  # (B, S)
     cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # 5.24 renamed it
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
@@ -479,10 +479,10 @@ class Teacher:
 
 def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):  # -> D (R, T) or None, logp (R, T)
     """Eq. 2 against the teacher's hidden states h_t (when given) and log pi(y_t) from logits / temperature, from
-    student hidden states (R, T, C). With chunk_size (the default) the (R, T, V) logits never exist (kernels.py)."""
+    student hidden states (R, T, C). With chunk_size (the default) the (R, T, V) logits never exist (cordkit/chunked.py)."""
     head = lalm.base.get_output_embeddings()
     if chunk_size is not None and head.bias is None:  # logits / tau = (h / tau) W^T, exactly
-        D, logp = kernels.fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
+        D, logp = chunked.fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
         return (D if h_t is not None else None), logp
     s = head(h) / temperature  # (R, T, V)
     D = token_reverse_kl(s, h_t @ W_t.T, mask, chunk_size) if h_t is not None else None
@@ -719,9 +719,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        import demo  # the CPU demo and --compare live beside this file
+        from demo.run import demo  # the CPU demo and --compare (demo/run.py imports this module: imported here only)
 
-        return demo.demo(args)
+        return demo(args)
     if args.data is None:
         raise SystemExit("--data: give a training manifest (JSONL; see README) or use --eval")
     window = audio_window_seconds(args.model, args.trust_remote_code)  # every check before the model loads; no clip is cut
@@ -745,5 +745,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("cord", sys.modules[__name__])  # demo.py's `import cord` is this module, not a second copy
-    main()
+    import cord  # run main() of the module named `cord`: the demo's `from cord import Args` must see the same classes
+
+    cord.main()

@@ -23,8 +23,8 @@ import soundfile as sf
 import torch
 
 import cord
-import families
-import plumbing
+from cordkit import families
+from cordkit import plumbing
 from conftest import QUESTIONS, rand_case, run_main
 from cord import (
     Args,
@@ -36,7 +36,7 @@ from cord import (
     token_forward_kl,
     token_reverse_kl,
 )
-from data_gen import load_manifest
+from cordkit.manifest import load_manifest
 from judge import ModelJudge
 
 
@@ -217,17 +217,17 @@ def lalm_and_batch(model_dir, manifest, n=3):
 @pytest.mark.parametrize("fast, device, static", [("off", "cpu", False), ("auto", "cpu", False), ("on", "cpu", True),
                                                   ("auto", "cuda", True), ("off", "cuda", False)])
 def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, speech_data, qwen2_audio_dir, monkeypatch):
-    """--compile_rollout: "on" always takes kernels.static_sample, "auto" only on CUDA, "off" never. Both paths give
-    the same tokens on CPU (test_kernels.py), so only which one ran tells a wrong dispatch; the CUDA case is faked
+    """--compile_rollout: "on" always takes chunked.static_sample, "auto" only on CUDA, "off" never. Both paths give
+    the same tokens on CPU (test_cordkit/chunked.py), so only which one ran tells a wrong dispatch; the CUDA case is faked
     (a prompt that says is_cuda), and the static path is a spy that returns fixed tokens."""
     lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
     x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
     calls = []
-    monkeypatch.setattr(cord.kernels, "static_sample", lambda *a: calls.append(a) or (torch.zeros(4, 1, dtype=torch.long),
+    monkeypatch.setattr(cord.chunked, "static_sample", lambda *a: calls.append(a) or (torch.zeros(4, 1, dtype=torch.long),
                                                                                         torch.ones(4, 1, dtype=torch.bool)))
     if device == "cuda":
         x = type("CudaLike", (torch.Tensor,), {"is_cuda": property(lambda self: True)})(x)  # only sample's check sees CUDA
-        monkeypatch.setattr(cord.kernels, "static_supported", lambda decoder: decoder is lalm.base.get_decoder())
+        monkeypatch.setattr(cord.chunked, "static_supported", lambda decoder: decoder is lalm.base.get_decoder())
     y, m = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 3, fast=fast)
     assert len(calls) == static and (y.shape == (4, 1)) == static
     if static:  # the arguments the static path needs, in its order
@@ -525,26 +525,26 @@ def test_every_choice_option_is_typed():
 
 
 def test_python_cord_py_without_model_runs_the_demo_with_one_cord_module(monkeypatch):
-    """`python cord.py` runs cord.py as __main__; demo.py's `import cord` must get that same module, not a
-    second copy (whose Args, LALM, ... would be other classes)."""
+    """`python cord.py` runs cord.py as __main__, which hands over to the module named `cord`: the demo's
+    `from cord import Args` must see the classes that built its arguments, not a second copy's."""
     seen = {}
-    fake_demo = types.ModuleType("demo")
+    fake_demo = types.ModuleType("demo.run")
     fake_demo.demo = lambda args: seen.update(cord=sys.modules["cord"], args=args)
     monkeypatch.delitem(sys.modules, "cord")
-    monkeypatch.setitem(sys.modules, "demo", fake_demo)
+    monkeypatch.setitem(sys.modules, "demo.run", fake_demo)
     monkeypatch.setattr(sys, "argv", ["cord.py", "--steps", "3"])
-    ran = runpy.run_path(cord.__file__, run_name="__main__")
-    assert seen["cord"].main is ran["main"] and isinstance(seen["args"], ran["Args"]) and seen["args"].steps == 3
+    runpy.run_path(cord.__file__, run_name="__main__")
+    assert isinstance(seen["args"], seen["cord"].Args) and seen["args"].steps == 3
 
 
 def test_every_function_in_the_readme_paper_table_exists():
-    """The README's paper <-> code table names `file.py:function` (or Class.method); each must exist."""
+    """The README's paper <-> code table names `path/file.py:function` (or Class.method); each must exist."""
     readme = (Path(cord.__file__).parent / "README.md").read_text()
     table = readme.split("## Paper ↔ code", 1)[1].split("\n## ", 1)[0]
-    named = re.findall(r"`(\w+)\.py:([\w.]+)`", table)
+    named = re.findall(r"`([\w/]+)\.py:([\w.]+)`", table)
     assert len(named) >= 20
     for module, name in named:
-        obj = importlib.import_module(module)
+        obj = importlib.import_module(module.replace("/", "."))
         for part in name.split("."):
             assert hasattr(obj, part), f"README names {module}.py:{name}, which does not exist"
             obj = getattr(obj, part)
@@ -564,7 +564,7 @@ def test_bad_values_and_pairs_are_one_line_before_any_model_loads(argv, flag, ca
 
 
 def test_chunk_size_0_runs_the_reference_functions_with_the_same_losses(tmp_path, speech_data, qwen2_audio_dir):
-    """--chunk_size 0: the plain reference functions instead of kernels.py; the same rollouts give the same losses."""
+    """--chunk_size 0: the plain reference functions instead of cordkit/chunked.py; the same rollouts give the same losses."""
     for run, extra in (("fused", ()), ("reference", ("--chunk_size", "0"))):
         run_main(tmp_path / run, qwen2_audio_dir, speech_data, "--objective", "cord", "--seed", "2", *extra, steps=1)
     a, b = (json.loads((tmp_path / run / "run/metrics.jsonl").read_text()) for run in ("fused", "reference"))
@@ -893,7 +893,7 @@ def slow_logp(logits, y):  # log softmax(logits)[y] for one position, plain Pyth
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_size):
-    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths (reference / kernels.py);
+    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths (reference / cordkit/chunked.py);
     padding holds huge logits but D and the forward KL are exactly 0 there."""
     s, t, mask = rand_case(B=3, T=5, V=7, seed=11)
     s[~mask], t[~mask] = 1e4 * s[~mask], -1e4 * t[~mask]

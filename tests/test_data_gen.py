@@ -11,8 +11,10 @@ import pytest
 import soundfile as sf
 
 import data_gen
-from data_gen import (builtin_problems, filter_problems, final_answer, load_manifest, load_mcq, load_problems,
-                      main as data_gen_main, read_manifest, spoken_form, to_16k, write_manifest)
+from cordkit import manifest
+from cordkit.manifest import load_manifest, read_manifest, to_16k
+from data_gen import (builtin_problems, filter_problems, final_answer, load_mcq, load_problems, main as data_gen_main,
+                      spoken_form, write_manifest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +340,7 @@ def test_empty_or_non_finite_audio_is_one_line_naming_the_file(tmp_path, samples
     path = tmp_path / "bad.wav"
     sf.write(path, samples, 16000, subtype="FLOAT")
     with pytest.raises(SystemExit, match=f"bad.wav: the clip is {what}"):
-        data_gen.load_audio(path)
+        manifest.load_audio(path)
 
 
 def test_datagen_n_zero_voices_nothing(tmp_path, capsys):
@@ -365,10 +367,10 @@ def test_datagen_bad_voice_spec_names_tts(tmp_path, voice, what, capsys):
 def test_check_durations_refuses_or_drops_clips_longer_than_the_window(tmp_path):
     rows = [{"id": f"q{i}", "audio_path": _speechy_wav(tmp_path / f"q{i}.wav", 1 + i / 10, sr=16000)} for i in range(4)]
     with pytest.raises(SystemExit, match=r"m.jsonl: 2 of 4 clips are longer than the model's 1.15 s audio window \(first: q2 \(1.2 s\)"):
-        data_gen.check_durations(rows, 1.15, where="m.jsonl")
-    assert [r["id"] for r in data_gen.check_durations(rows, 1.15, "drop")] == ["q0", "q1"]
-    assert data_gen.check_durations(rows, 1.15, "cut") == rows  # kept whole: the encoder hears the first 1.15 s
-    assert data_gen.check_durations(rows, None) == rows  # a model without a fixed window
+        manifest.check_durations(rows, 1.15, where="m.jsonl")
+    assert [r["id"] for r in manifest.check_durations(rows, 1.15, "drop")] == ["q0", "q1"]
+    assert manifest.check_durations(rows, 1.15, "cut") == rows  # kept whole: the encoder hears the first 1.15 s
+    assert manifest.check_durations(rows, None) == rows  # a model without a fixed window
 
 
 def test_datagen_ctrl_c_is_one_line(tmp_path, monkeypatch):
@@ -416,7 +418,7 @@ def test_datagen_voicebench_local_export(tmp_path, subset):
     out = tmp_path / subset
     data_gen_main(["--source", f"voicebench:{subset}", "--input", str(src), "--out", str(out), "--workers", "1"])
     rows = read_manifest(out / "manifest.jsonl")
-    ids = ([f"mmsu-law-00000", "mmsu-geography-00000", "mmsu-law-00001"] if subset == "mmsu"
+    ids = (["mmsu-law-00000", "mmsu-geography-00000", "mmsu-law-00001"] if subset == "mmsu"
            else ["openbookqa-00000", "openbookqa-00001", "openbookqa-00002"])
     cats = ["law", "geography", "law"] if subset == "mmsu" else [None] * 3                # MMSU: the domain
     for row, i, cat, prompt, (ans, letters), dur in zip(rows, ids, cats, VB, [("B", "ABCD"), ("A", "ABCD"), ("E", "ABCDE")],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-import plumbing
+from cordkit import plumbing
 from cord import Args, evaluate, load_manifest, setup, train
 
 
@@ -27,7 +27,7 @@ DEMO = dict(steps=60, batch_size=16, max_new_tokens=24, k=4, train="audio", eval
 
 
 def demo_args(args: Args, **over) -> Args:
-    from tiny_lalm import INSTRUCTION
+    from demo.tiny_lalm import INSTRUCTION
 
     paper = Args()
     changed = {k: v for k, v in DEMO.items() if getattr(args, k) == getattr(paper, k)}
@@ -54,7 +54,7 @@ def demo(args: Args, **build):
     """python cord.py: build (or load) the tiny LALM, evaluate, train with CORD, evaluate, print the table.
 
     `build` goes to tiny_lalm.load_or_build (the tests use a drastically reduced budget)."""
-    from tiny_lalm import load_or_build
+    from demo.tiny_lalm import load_or_build
 
     output = demo_args(args).output
     if not args.compare:  # before the build: a refused folder costs nothing; the demo's own folder starts over
@@ -145,7 +145,7 @@ def leave_one_out(args: Args, engines=("hibari", "piper", "espeak"), limit: int 
     args.output/loo.json and loo.md; an engine whose no-<engine>/loo.json exists is read back, not rerun.
     shared_lm=True: reuse the full build's language model (it never hears) and skip stage 1; about half the build
     time, but with it hibari's and piper's left-out encoders never learned to reach it (dev audio 5-8 %; README)."""
-    from tiny_lalm import load_or_build
+    from demo.tiny_lalm import load_or_build
 
     root, rows = Path(args.output), []
     if shared_lm:

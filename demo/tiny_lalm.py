@@ -64,9 +64,9 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from data_gen import SR, load_audio
+from cordkit.manifest import SR, load_audio
 from judge import RuleJudge
-from families import part, qwen2_audio_encoder, tie_if_configured
+from cordkit.families import part, qwen2_audio_encoder, tie_if_configured
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 INSTRUCTION = "Solve it."

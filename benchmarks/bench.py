@@ -1,12 +1,12 @@
-"""Benchmarks for cord.py (as nanoGPT's bench.py): the per-step time split and the memory of the exact KL.
+"""Benchmarks for cord.py (as nanoGPT's bench.py), run from the repository root: the per-step time split and the memory of the exact KL.
 
-    python bench.py --model tiny --steps 5                   # a CORD step on the tiny model (CPU)
-    python bench.py --model qwen2-audio-7b --lora --gradient-checkpointing --prompts 8 --seconds 10
+    python -m benchmarks.bench --model tiny --steps 5                   # a CORD step on the tiny model (CPU)
+    python -m benchmarks.bench --model qwen2-audio-7b --lora --gradient-checkpointing --prompts 8 --seconds 10
                                                              # random-init Qwen2-Audio-7B-Instruct config (GPU)
-    python bench.py --model tiny --compile-rollout off       # the eager sampler (before/after the fast path)
-    python bench.py --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936, T = 512, B = 2
-    python bench.py --judge                                  # RuleJudge on 1,000 pairs
-    python bench.py --sampler --max-new-tokens 200           # cord.sample alone: eager vs fast (tokens/s, greedy rows)
+    python -m benchmarks.bench --model tiny --compile-rollout off       # the eager sampler (before/after the fast path)
+    python -m benchmarks.bench --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936, T = 512, B = 2
+    python -m benchmarks.bench --judge                                  # RuleJudge on 1,000 pairs
+    python -m benchmarks.bench --sampler --max-new-tokens 200           # cord.sample alone: eager vs fast (tokens/s, greedy rows)
 
 Step mode prints the time split (rollout / judge / teacher / student fwd+bwd / optimizer), the
 overhead = step - (rollout + teacher + student + optimizer), rollout tokens/s and peak memory, and
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import cord
-import kernels
-import plumbing
-from families import LALM, qwen2_audio_features
+from cordkit import chunked
+from cordkit import plumbing
+from cordkit.families import LALM, qwen2_audio_features
 
 # Qwen2-Audio-7B-Instruct's configuration (config.json of the released model), for random-init timing.
 QWEN2_AUDIO_7B = dict(
@@ -77,7 +77,7 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
     inputs_mb = peak_memory_mb(dev) if dev.type == "cpu" else torch.cuda.memory_allocated() / 2**20
     clock = time.perf_counter()
     if variant == "hidden-fused":
-        D, logp = kernels.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=32)
+        D, logp = chunked.fused_kl_and_logprobs(leaf, h_t, W, y, mask, chunk_size=32)
     else:
         chunk = None if variant.endswith("naive") else 32
         s, t = (leaf, t) if variant.startswith("logits") else (leaf @ W.T, h_t @ W.T)
@@ -95,9 +95,9 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
 def loss_memory(a) -> dict:
     rows = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--loss-memory-child", variant, "--V", str(a.V), "--T", str(a.T),
+        cmd = [sys.executable, "-m", "benchmarks.bench", "--loss-memory-child", variant, "--V", str(a.V), "--T", str(a.T),
                "--B", str(a.B), "--C", str(a.C), "--dtype", a.dtype, "--device", a.device]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -198,7 +198,7 @@ def bandwidth_figures(calls, weight_bytes: int, kv_per_token: int, bandwidth_gbs
 
 def build_bench_model(name: str, dtype, device):
     """'tiny' (the demo's size) or 'qwen2-audio-7b' (random weights, the real configuration)."""
-    from tiny_lalm import build_model, build_processor
+    from demo.tiny_lalm import build_model, build_processor
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     words = "what is plus minus times the answer one two three four five six seven eight nine ten".split()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-import tiny_lalm
+from demo import tiny_lalm
 from data_gen import read_manifest, synthesize, to_16k
 from judge import RuleJudge
 

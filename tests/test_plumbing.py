@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import cord
-import plumbing
+from cordkit import plumbing
 from conftest import run_main
 
 
@@ -52,7 +52,8 @@ def test_corrupted_checkpoint_is_skipped(tmp_path, capsys):
 
 LAUNCHER = """import json, os, signal, sys
 from pathlib import Path
-import cord, plumbing
+import cord
+from cordkit import plumbing
 Path(sys.argv[1], "pid" + os.environ.get("RANK", "0")).write_text(str(os.getpid()))
 kill_at = os.environ.get("KILL_BEFORE_PUBLISHING")  # die between a checkpoint's write and its rename
 if kill_at:

@@ -1,4 +1,4 @@
-"""kernels.py against cord.py's reference functions: the memory-bounded ones give the same values and gradients,
+"""cordkit/chunked.py against cord.py's reference functions: the memory-bounded ones give the same values and gradients,
 static_sample the same rollouts as cord.sample."""
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 import cord
 from conftest import rand_case
 from cord import token_forward_kl, token_logprobs, token_reverse_kl
-from data_gen import load_manifest
-from kernels import fused_kl_and_logprobs, sample_tokens, static_sample
+from cordkit.manifest import load_manifest
+from cordkit.chunked import fused_kl_and_logprobs, sample_tokens, static_sample
 
 
 @pytest.mark.parametrize("fn", [token_reverse_kl, token_forward_kl])
@@ -92,7 +92,7 @@ def test_sample_tokens_draws_like_multinomial_with_the_softmax_distribution():
     assert (sample_tokens(logits[:3], torch.tensor([[0.0], [1e-9], [0.0]])) == 0).all()  # greedy rows
 
 
-def fast(lalm, x, mask, n, tau, T, **kw):  # kernels.static_sample with cord.sample's arguments
+def fast(lalm, x, mask, n, tau, T, **kw):  # chunked.static_sample with cord.sample's arguments
     return static_sample(lalm.base.get_decoder(), lalm.base.get_output_embeddings(), x, mask, n, tau, T,
                          lalm.eos_ids, lalm.suppress_ids, lalm.tokenizer.pad_token_id, **kw)
 
@@ -122,7 +122,7 @@ def test_static_sampler_equals_eager_sampler_and_generate(family, speech_data, q
     torch.manual_seed(0)
     y_e, m_e = cord.sample(lalm, x, P["audio_mask"], 4, taus, T)  # (12, T)
     torch.manual_seed(0)
-    y_f, m_f = cord.sample(lalm, x, P["audio_mask"], 4, taus, T, fast="on")  # -> kernels.static_sample
+    y_f, m_f = cord.sample(lalm, x, P["audio_mask"], 4, taus, T, fast="on")  # -> chunked.static_sample
     assert torch.equal(y_f, y_e) and torch.equal(m_f, m_e)
     assert len({tuple(r) for r in y_f[0::4].tolist()} | {tuple(r) for r in y_f[1::4].tolist()}) > 2  # not one path
     ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], input_features=P["features"],

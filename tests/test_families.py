@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import cord
-import families
+from cordkit import families
 from conftest import QUESTIONS
-from data_gen import load_audio, load_manifest
-from tiny_lalm import CHAT_TEMPLATE
+from cordkit.manifest import load_audio, load_manifest
+from demo.tiny_lalm import CHAT_TEMPLATE
 
 
 def test_a_tied_model_loads_with_its_head_tied_to_its_embedding(qwen2_audio_dir, capsys):
@@ -678,7 +678,7 @@ def test_family_every_objective_trains(family_dir, speech_data):
 def test_family_save_then_load_is_exact(family_dir, tmp_path):
     """plumbing.save_model_folder (what cord's checkpoints write) -> families.load_lalm: the same weights, tokenizer
     and feature extractor, and identical logits with audio."""
-    import plumbing
+    from cordkit import plumbing
 
     family, path = family_dir
     remote = family == "step_audio_2"

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-import demo
+from demo import run as demo
 from cord import Args
 from data_gen import read_manifest
 
@@ -25,7 +25,7 @@ def test_demo_default_path_smoke(tmp_path):
     assert set(res["runs"]) == {"opd-seed0", "cord-seed0"} and len(res["runs"]["cord-seed0"]) == 3  # step 0, 1, 2
     assert (tmp_path / "cmp/results.md").is_file() and (tmp_path / "cmp/curves.png").stat().st_size > 1000
     # a fresh clone: the model shipped in the repository (same settings) is what the demo trains, not a new build
-    import tiny_lalm
+    from demo import tiny_lalm
     tiny_lalm.ship(tmp_path / "tiny", tmp_path / "shipped")
     fresh = dict(build, cache_dir=tmp_path / "fresh", shipped=tmp_path / "shipped", demo_train=4)
     out = demo.demo(replace(args, compare=False, output=str(tmp_path / "run-fresh"), steps=1), **fresh)
@@ -50,7 +50,7 @@ def test_the_demo_never_overwrites_a_real_run(tmp_path, monkeypatch):
     assert demo.demo_args(Args()).output == "runs/demo" and Args().output == "runs/cord"
     (tmp_path / "run").mkdir()
     (tmp_path / "run/metrics.jsonl").write_text('{"step": 1}\n')
-    monkeypatch.setattr("tiny_lalm.load_or_build", lambda **kw: pytest.fail("refused before the build"))
+    monkeypatch.setattr("demo.tiny_lalm.load_or_build", lambda **kw: pytest.fail("refused before the build"))
     with pytest.raises(SystemExit, match="holds a run"):
         demo.demo(Args(output=str(tmp_path / "run")))
     assert (tmp_path / "run/metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -107,7 +107,7 @@ def all_reduce_grads(params: list) -> None:
 
     Not DDP(model): DDP reduces in autograd hooks that its wrapper's forward() arms, and cord.train_step
     never calls model.forward (it calls the audio encoder and the decoder directly and uses the lm_head
-    weight inside kernels._FusedHead), so those hooks would never fire. Every loss is a mean over
+    weight inside chunked._FusedHead), so those hooks would never fire. Every loss is a mean over
     sequences and every rank holds B of them, so the mean of the ranks' gradients equals the gradient
     of one process on all B * world (exactly, except --grpo_reduction token, a mean over tokens).
     """
@@ -135,7 +135,7 @@ def shard_fsdp(model, decoder_layers) -> list:
     FSDP gathers a unit's parameters in hooks around its forward(). The decoder layers are always called
     through forward(); the root's forward() never is: cord.train_step reaches the root's modules through
     get_input_embeddings() / get_decoder() / get_output_embeddings() (and lm_head.weight inside
-    kernels._FusedHead). Registering the first two getters as FSDP forward methods (the documented hook
+    chunked._FusedHead). Registering the first two getters as FSDP forward methods (the documented hook
     for entry points other than forward) gathers the root's parameters before any of them is touched
     (every step embeds its prompts before it reaches the head, and the root unit holds the head too);
     they stay gathered (FSDP never reshards its root after forward) until FSDP's end-of-backward

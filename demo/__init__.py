@@ -1,0 +1,1 @@
+"""The CPU demo: `python cord.py` without --model (run.py), the tiny Qwen2-Audio it trains (tiny_lalm.py) and its shipped weights (tiny/)."""
