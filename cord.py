@@ -61,7 +61,7 @@ from transformers import HfArgumentParser
 
 import judge as judge_lib
 from cordkit import chunked
-from cordkit import plumbing
+from cordkit import evaluation, plumbing
 from cordkit.manifest import check_durations, load_audio, load_manifest
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 
@@ -588,7 +588,7 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
         args.output, args.resume, args.fsdp, lalm.base.get_decoder().layers, B)
     if start == 0:
         torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
-    evaluate_at = lambda step: plumbing.log_evaluations(lambda rows, base: evaluate(lalm, rows, args, None, base, kl=False),
+    evaluate_at = lambda step: evaluation.log_evaluations(lambda rows, base: evaluate(lalm, rows, args, None, base, kl=False),
                                                          eval_sets, args.output, step, log)  # --eval_data: acc, gap per set
     log, parts = plumbing.MetricsLog(args.output, start, args.report_to, asdict(args)), (lalm.processor or lalm.tokenizer, lalm.feature_extractor)
     if eval_sets and start == 0:

@@ -24,7 +24,7 @@ import torch
 
 import cord
 from cordkit import families
-from cordkit import plumbing
+from cordkit import evaluation, plumbing
 from conftest import QUESTIONS, rand_case, run_main
 from cord import (
     Args,
@@ -617,7 +617,7 @@ def test_a_speech_set_and_an_audio_only_set_evaluated_during_training_print_one_
     lines = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
     assert [(r["step"], r["set"]) for r in lines] == [(s, p) for s in (0, 1, 2) for p in (str(speech_data), str(mmau))]
     assert all(r["gap"] is None and set(r["acc_audio_by_category"]) == {"sound", "speech"} for r in lines[1::2])
-    speech, last = plumbing.set_label(str(speech_data)), lines[-2]
+    speech, last = evaluation.set_label(str(speech_data)), lines[-2]
     assert f"| {speech} | {len(QUESTIONS)} | " in out and "| mmau | 4 | n/a → n/a | " in out and "| mmau | sound | " in out
     assert "Mean gap reduction over" in out and out.count("speech set(s)") == 1
     if last["gap_reduction"] is not None:

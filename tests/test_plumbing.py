@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import cord
-from cordkit import plumbing
+from cordkit import evaluation, plumbing
 from conftest import run_main
 
 
@@ -250,7 +250,7 @@ def test_log_evaluations_measures_each_set_against_its_own_step_0(tmp_path):
         return {"n": 1, "gap": gap, "gap_reduction": (baseline["gap"] - gap) / baseline["gap"] if baseline else None}
 
     for step in (0, 5):
-        out = plumbing.log_evaluations(fake_evaluate, {"set-a": "a", "set-b": "b"}, str(tmp_path), step)
+        out = evaluation.log_evaluations(fake_evaluate, {"set-a": "a", "set-b": "b"}, str(tmp_path), step)
     assert seen == [("a", None), ("b", None), ("a", 40.0), ("b", 10.0)]  # step 5 is measured against each set's step 0
     assert [r["gap_reduction"] for r in out] == [0.25, 0.0]
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 4
@@ -267,7 +267,7 @@ def test_summarize_evaluations_tables_each_set_the_mean_gap_reduction_and_catego
              at(10, "data/mmsu/manifest.jsonl", 10, 80.0, 70.0, 0.75), at(10, "data/gsm8k.jsonl", 5, 60.0, 55.0, 0.5),
              at(10, "data/mmau/manifest.jsonl", 4, None, 75.0, cats={"music": 50.0, "sound": 100.0})]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    md = plumbing.summarize_evaluations(str(tmp_path))
+    md = evaluation.summarize_evaluations(str(tmp_path))
     assert "| mmsu | 10 | 80.0 → 80.0 | 40.0 → 70.0 | 40.0 → 10.0 | 75.0 % |" in md
     assert "| gsm8k | 5 | 60.0 → 60.0 | 50.0 → 55.0 | 10.0 → 5.0 | 50.0 % |" in md
     assert "| mmau | 4 | n/a → n/a | 50.0 → 75.0 | n/a → n/a | n/a |" in md

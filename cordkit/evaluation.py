@@ -1,0 +1,102 @@
+"""Evaluation reporting for cord.py's training loop: eval.jsonl per step, eval.md (first vs last) and eval.png.
+
+Standalone (never imports cord): `evaluate` is passed in as a function.
+"""
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from cordkit.plumbing import MetricsLog, rank_world
+
+
+def log_evaluations(evaluate: Callable, sets: dict, output: str, step: int, log: Optional[MetricsLog] = None) -> list[dict]:
+    """Evaluate every set at `step` -> one JSON line per set in <output>/eval.jsonl, then eval.md and eval.png
+    (rank 0 writes; every rank evaluates, as FSDP needs). evaluate(rows, baseline) -> summary; baseline = that set's
+    step-0 line, for the gap reduction. Lines of this step or later (from a run resumed from an earlier checkpoint)
+    are replaced."""
+    path = Path(output) / "eval.jsonl"
+    old = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    first = {r["set"]: r for r in old if r["step"] == 0}
+    records = []
+    for name, rows in sets.items():
+        s = evaluate(rows, first.get(name))
+        records.append({"step": step, "set": name, **{k: s.get(k) for k in EVAL_KEYS}})
+    if rank_world()[0] == 0:
+        path.write_text("".join(json.dumps(r) + "\n" for r in [r for r in old if r["step"] < step] + records))
+        for r in records:
+            print(json.dumps(r), file=sys.stderr)  # beside the progress bar
+            if log:
+                log.log({k: r[k] for k in EVAL_KEYS}, step, prefix=f"eval/{set_label(r['set'])}")
+        summarize_evaluations(output)
+    return records
+
+
+EVAL_KEYS = ("n", "acc_text", "acc_audio", "gap", "gap_reduction", "acc_audio_by_category")
+
+
+def set_label(path: str) -> str:  # data/mmsu/manifest.jsonl -> mmsu; data/gsm8k.jsonl -> gsm8k
+    return Path(path).parent.name if Path(path).name == "manifest.jsonl" else Path(path).stem
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def summarize_evaluations(output: str) -> str:
+    """<output>/eval.jsonl -> eval.md (returned) and eval.png: per set, step 0 vs the last evaluation.
+
+    Speech sets (rows with a transcript) have acc_text, gap and the gap reduction against their own step 0;
+    the mean gap reduction is taken over them, as the paper's. Audio-only sets (MMAU) have acc_audio only,
+    and their accuracy by `category` (sound, music, speech) when the rows name one.
+    """
+    lines = [json.loads(line) for line in (Path(output) / "eval.jsonl").read_text().splitlines()]
+    by_set = {}
+    for r in lines:
+        by_set.setdefault(r["set"], []).append(r)
+    rows, reductions, categories, n_speech = [], [], [], 0
+    for name, rs in by_set.items():
+        a, b = rs[0], rs[-1]  # step 0 (or the first kept), the last
+        red = b.get("gap_reduction")
+        reductions += [red] if red is not None else []
+        n_speech += b.get("gap") is not None
+        rows.append(f"| {set_label(name)} | {b['n']} | {_pct(a['acc_text'])} → {_pct(b['acc_text'])} | "
+                    f"{_pct(a['acc_audio'])} → {_pct(b['acc_audio'])} | {_pct(a['gap'])} → {_pct(b['gap'])} | "
+                    f"{'n/a' if red is None else f'{100 * red:.1f} %'} |")
+        for c, v in (b.get("acc_audio_by_category") or {}).items():
+            categories.append(f"| {set_label(name)} | {c} | {_pct((a.get('acc_audio_by_category') or {}).get(c))} → {_pct(v)} |")
+    steps = sorted({r["step"] for r in lines})
+    md = [f"Evaluation at steps {steps[0]} → {steps[-1]} (first → last); gap = acc_text - acc_audio; "
+          "gap reduction = (gap_0 - gap) / gap_0.", "",
+          "| set | n | acc_text | acc_audio | gap | gap reduction |", "|---|---|---|---|---|---|", *rows, ""]
+    if n_speech:
+        mean = f"{100 * np.mean(reductions):.1f} %" if reductions else "n/a"
+        md += [f"Mean gap reduction over {len(reductions)} of {n_speech} speech set(s) (those with a gap at step 0): {mean}", ""]
+    if categories:
+        md += ["| set | category | acc_audio |", "|---|---|---|", *categories, ""]
+    text = "\n".join(md)
+    (Path(output) / "eval.md").write_text(text)
+    _plot_evaluations(by_set, Path(output) / "eval.png")
+    return text
+
+
+def _plot_evaluations(by_set: dict, path: Path) -> None:
+    """One panel per set: acc_text, acc_audio and the gap against the training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_set), figsize=(4.5 * len(by_set), 3.5), squeeze=False)
+    for ax, (name, rs) in zip(axes[0], by_set.items()):
+        for key, style in (("acc_text", "-"), ("acc_audio", "-"), ("gap", "--")):
+            points = [(r["step"], r[key]) for r in rs if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker=".", label=key)
+        ax.set(title=set_label(name), xlabel="step", ylabel="%")
+        ax.grid(alpha=0.3), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
