@@ -1,20 +1,55 @@
 """Shared fixtures of the test suite (all CPU): real TTS speech, tiny models of the real architectures built here.
 
 The suite, one file per module (STYLE.md): test_cord.py (loss math against slow loops and hand tables,
-the whole method on tiny Qwen2-Audio / Qwen2.5-Omni thinker), test_cordkit/chunked.py, test_plumbing.py
-(checkpoints, resume, torchrun, SIGKILL), test_judge.py, test_data_gen.py, test_tiny_lalm.py,
-test_demo.py; the docstring examples run too (`--doctest-modules`). Helpers that several files use
-are imported from here (`from conftest import QUESTIONS, rand_case, run_main`).
+the whole method on tiny Qwen2-Audio / Qwen2.5-Omni thinker) at the top, the others in tests/ (test_chunked.py,
+test_plumbing.py: checkpoints, resume, torchrun, SIGKILL; test_judge.py, test_data_gen.py, test_tiny_lalm.py,
+test_demo.py, test_install.py, ...); the docstring examples run too (`--doctest-modules`). Helpers that several
+files use are imported from here (`from conftest import QUESTIONS, rand_case, run_main`). Before anything of ours
+is imported, no file of ours may shadow an installed distribution (kernels.py did: transformers 5.25 imports
+`kernels`, and every import of transformers failed).
 """
+import importlib.metadata
 import json
 import os
+from pathlib import Path
 
 import pytest
-import soundfile as sf
-import torch
 
-import cord
-import data_gen
+
+def our_import_names(root: Path) -> dict:
+    """Every name of ours that `import name` can reach -> the path that provides it.
+
+    The top level is on sys.path (`python cord.py`, pytest's rootdir conftest): its modules and its regular
+    packages (folders with __init__.py) are importable by name. pytest also puts tests/ on sys.path (no
+    __init__.py there), so the test modules are top-level names too. Folders without __init__.py (docs/) are
+    namespace portions: any installed package of that name wins over them, so they shadow nothing.
+    """
+    names = {}
+    for folder in (root, root / "tests"):
+        for path in folder.iterdir():
+            if path.suffix == ".py":
+                names[path.stem] = path
+            elif path.is_dir() and (path / "__init__.py").is_file():
+                names[path.name] = path
+    return names
+
+
+def shadowed(root: Path) -> dict:
+    """Our import names that an installed distribution also provides -> (our path, [distributions])."""
+    installed = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    return {name: (path, installed[name]) for name, path in our_import_names(root).items() if name in installed}
+
+
+_clash = shadowed(Path(__file__).resolve().parent)  # before the imports below: a shadowing file breaks transformers
+if _clash:
+    raise pytest.UsageError("; ".join(f"{path.name} shadows the import name {name!r} of the installed {', '.join(d)}: "
+                                      "rename it" for name, (path, d) in _clash.items()))
+
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+import cord  # noqa: E402
+import data_gen  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("CORD_TEST_THREADS", 2)))  # 1 when mutmut runs two workers on two cores
 

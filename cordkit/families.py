@@ -28,23 +28,24 @@ def part(model, name: str):
     return getattr(model, name) if hasattr(model, name) else getattr(model.model, name)
 
 
-def tie_if_configured(model, loaded_from=None) -> None:
+def tie_if_configured(model, loaded_from=None, missing=()) -> None:
     """A config that says tie_word_embeddings gets lm_head = the input embeddings, on every version.
 
-    transformers 5.x no longer ties Qwen2-Audio's head by itself: a tied checkpoint (which stores no separate
-    head) would otherwise load with a randomly initialised lm_head, and no error. After a load (loaded_from), a
-    line says so, since transformers has just reported that head as missing and newly initialised.
+    transformers 5.x no longer ties Qwen2-Audio's head by itself: a tied checkpoint that stores no separate
+    head would otherwise load with a randomly initialised lm_head, and no error. When the load (loaded_from)
+    reported the head among its `missing` keys, a line says why that report is expected. (The shipped demo
+    model stores the head, so it loads with no report at all.)
     """
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if not getattr(text_config, "tie_word_embeddings", False) or head.weight is embeddings.weight:
         return
     head.weight = embeddings.weight
-    if loaded_from is not None:
-        print(f"{loaded_from}: lm_head tied to the input embeddings (tie_word_embeddings), so the 'lm_head.weight MISSING'"
-              " above is expected")
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embeddings.weight]  # both names now
     head_name = next(n for n, m in model.named_modules() if m is head) + ".weight"
+    if loaded_from is not None and any(k.endswith("lm_head.weight") for k in missing):
+        print(f"{loaded_from}: lm_head tied to the input embeddings (tie_word_embeddings), so the 'lm_head.weight "
+              "MISSING' above is expected")
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embeddings.weight]  # both names now
     model._tied_weights_keys = {head_name: next(n for n in names if n != head_name)}  # save_pretrained stores it once
 
 
@@ -323,8 +324,10 @@ def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=Fa
     model_type, family = family_of(path)
     if family.model_class is remote_code and not trust_remote_code:
         raise SystemExit(f"--model {path}: '{model_type}' ships its own model code; add --trust_remote_code true")
-    model = family.model_class().from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    tie_if_configured(model, loaded_from=path)
+    model, info = family.model_class().from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
+    model = model.to(device)
+    tie_if_configured(model, loaded_from=path, missing=info["missing_keys"])
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     feature_extractor = _feature_extractor(path, family, model.config, trust_remote_code)
     try:  # the processor holds the chat template for Qwen2-Audio; Omni's needs torchvision

@@ -722,8 +722,8 @@ def _save(model, processor, path: Path, stats: dict, head=None):
 
 def _load(path: Path):
     from transformers import AutoProcessor
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(path)
-    tie_if_configured(model, loaded_from=path)
+    model, info = Qwen2AudioForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    tie_if_configured(model, loaded_from=path, missing=info["missing_keys"])
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
@@ -883,7 +883,22 @@ def ship(cache_dir, dest=SHIPPED) -> list[Path]:
     files = [f for f in Path(cache_dir).iterdir() if f.is_file()]
     for f in files:
         shutil.copy2(f, dest / f.name)
+    store_tied_head(dest / "model.safetensors")
     return [dest / f.name for f in files]
+
+
+def store_tied_head(weights: Path) -> None:
+    """Write the tied lm_head into a checkpoint that stores only the embeddings (save_pretrained's way), so the
+    shipped model loads on every transformers version without a 'lm_head.weight MISSING' report."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    embed = [k for k in tensors if k.endswith("embed_tokens.weight") and "audio" not in k]
+    head = "language_model.lm_head.weight" if embed and embed[0].startswith("language_model.") else "lm_head.weight"
+    if not any(k.endswith("lm_head.weight") for k in tensors) and len(embed) == 1:
+        tensors[head] = tensors[embed[0]].clone()  # as transformers 4.x names it when the file is in 4.x's layout
+        save_file(tensors, str(weights), metadata=metadata)
 
 
 def main(argv=None):
