@@ -7,6 +7,8 @@ ground-truth mode, the dataset's reference answer. Two judges, one call:
     judge = RuleJudge()                        # default: rules + math-verify
     judge = ModelJudge(model, tokenizer)       # the paper's setting: an LM says yes/no
     rewards = judge(preds, refs)               # list[float] of 0.0 / 1.0
+    score_row(completion, row)                 # evaluation: right for this manifest row? (letters, option texts,
+                                               # numbers; None when the row has no answer)
 
 By hand (rule judge; --gt takes the second argument as a bare reference answer):
 
@@ -38,11 +40,13 @@ TIMEOUT_S = 1  # math-verify's timeout per parse/verify (signal.alarm: whole sec
 # Extraction: completion -> final answer
 # ---------------------------------------------------------------------------
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_MARKER = re.compile(r"(?:answer|option|choice)[\s*]*(?:is\b(?!')|:)[\s:*]*", re.I)  # "the answer is", "**Answer:**", "the correct option is"
+# "the answer is", "**Answer:**", "the correct option is"
+_MARKER = re.compile(r"(?:answer|option|choice)[\s*]*(?:is\b(?!')|:)[\s:*]*", re.I)
 _EQUATION = re.compile(r"(?:^|[\s,;:(])[A-Za-z]\w{0,15}\s*=\s*([^=\n]+?)\s*$")  # "... so x = 3" at the very end
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")  # \text{(C)} -> (C)
 _VULGAR = re.compile(r"(?:(\d+)\s?)?([\u00bc-\u00be\u2150-\u215e])")  # 1½, ¾
-_CHOICE = re.compile(r"\b(?i:option|choice|choose|select|pick)\s*\(?([A-J])\b\)?|(?<!\w)\(([A-J])\)")  # "option B", "I'd pick B", "(B)"
+# "option B", "I'd pick B", "(B)"
+_CHOICE = re.compile(r"\b(?i:option|choice|choose|select|pick)\s*\(?([A-J])\b\)?|(?<!\w)\(([A-J])\)")
 _CHOICE_START = re.compile(r"\s*\(?([A-J])[.):](?:\s|$)")  # "B. Paris ..." at the very start
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -271,6 +275,131 @@ class RuleJudge:
             raise ValueError(f"{len(preds)} preds but {len(refs)} refs")
         as_ref = (lambda r: _clean(str(r)) if r is not None else None) if self.ground_truth else extract_answer
         return [float(_same(extract_answer(p), as_ref(r))) for p, r in zip(preds, refs)]
+
+
+# ---------------------------------------------------------------------------
+# Scoring a manifest row: the one verdict of evaluation and of --reward_ref answer
+# ---------------------------------------------------------------------------
+_NEGATED = re.compile(r"\b(?:not|none|never|neither|nor|incorrect|wrong|rule[sd]? out|eliminat\w*|rather than|"
+                      r"instead of)\b|n[’']t\b", re.I)  # a clause with one of these names what the answer is not
+_CLAUSE_END = re.compile(r"([.;!?\n]+(?=\s|$)|,|\s(?:but|because|since|while|whereas|although|however)\b)", re.I)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+_FINAL = re.compile(  # phrases after which a careful reader looks for the final pick
+    r"\b(?:answer|option|choice)s?\s*(?:is|would be|should be|must be|:)|\bclosest(?: one| option| answer)? is"
+    r"|\b(?:choose|pick|select|go with)\b|\b(?:so|therefore|thus|hence)\b|\bit(?:'s|’s| is| must be| would be)"
+    r"|\b(?:correct|right|best)(?: one| option)? is", re.I)
+_MENTION = re.compile(r"⟨(\d)⟩|(?<![\w'’⟨])([A-J])(?![\w'’])")  # a masked option text, or a lone capital
+_LOWER = re.compile(r"(?:option|choice|answer is|answer:)\s*\(?([a-j])\)?(?=[.,:;)!?]|\s*$)", re.I)
+_WORD_AFTER = re.compile(r" (?!(?:or|and|is|was|would|because|since|as|with|which|but|then)\b)[a-z]")
+_RESTATED = re.compile(r"(-?[\d.,/]+)(?:\s+[a-z]+){0,2}\s*,\s*(?:which is|that is|i\.e\.|or)\s[^.;]*\.?\s*$", re.I)
+_OPERATOR = re.compile(r"\b(?:times|plus|minus|divided|over)\b|[×*+=/÷-]\s*$", re.I)
+
+
+def _plain(text):
+    """Markdown and LaTeX wrappers off, number words as digits: '**\\text{(C)}**' -> '(C)', 'nine' -> '9'."""
+    s = _TEXT_WRAP.sub(r"\1", text)
+    s = re.sub(r"\\(?:boxed|fbox)\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"[*_`$]|\\[()\[\]]", " ", s)
+    return _NUMBER_WORDS.sub(lambda m: str(_words_to_int(m.group())), s)
+
+
+def _mask_options(text, options):
+    """Each option's words in the text become ⟨k⟩ (longest option first, a leading article optional), so that
+    neither a negation inside an option ('Not enough data') nor a letter in one ('C major') is read as a pick."""
+    order = sorted(range(len(options)), key=lambda k: -len(options[k]))
+    for k in order:
+        words = re.sub(r"^(?:a|an|the)\s+", "", _plain(options[k]).strip().rstrip(".").strip(), flags=re.I)
+        if words and not re.fullmatch(r"[A-Za-z]", words):  # an option that is one letter is read as a letter
+            pattern = r"(?<!\w)(?:(?:a|an|the)\s+)?" + r"\s+".join(map(re.escape, words.split())) + r"(?!\w)"
+            text = re.sub(pattern, f"⟨{k}⟩", text, flags=re.I)
+    return text
+
+
+def _affirmed(text):
+    """The text without its negated clauses: 'Not C. The answer is D.' -> ' . The answer is D.'"""
+    parts = _CLAUSE_END.split(text)  # clause, separator, clause, ...
+    return "".join(p if i % 2 or not _NEGATED.search(p) else " " for i, p in enumerate(parts))
+
+
+def _picks(span, letters):
+    """Option indices named in a span, in order: a letter of `letters`, or a masked option text."""
+    out = []
+    for m in _MENTION.finditer(span):
+        if m.group(1):
+            out.append(int(m.group(1)))
+            continue
+        before, after = span[: m.start()], span[m.end() :]
+        pronoun = m.group(2) in "AI" and re.match(_WORD_AFTER, after)  # 'A dog', 'I think': a word, not a letter
+        if pronoun and not re.search(r"(?:\bis|\bbe|option|choice|:)\s*$", before, re.I):
+            continue
+        if m.group(2) in letters or m.group(2) != "I":
+            out.append(letters.index(m.group(2)) if m.group(2) in letters else len(letters) + ord(m.group(2)))
+    return out + [letters.index(x.upper()) for x in _LOWER.findall(span) if x.upper() in letters]
+
+
+def pick_option(completion, letters, options=None):
+    """The letter of the one option a careful reader says the completion picks, else None (no pick, or a hedge:
+    'A or C', a letter with another option's words). Letters in any ordinary form ('C, Pavlov', 'option C',
+    '**C**', 'the closest is B', '…, so D.'); an option named by its words alone when exactly one option's words
+    are there; negated clauses ('Not C.', 'it is not a car') name no pick. The last final-answer phrase
+    ('the answer is', 'so', 'I'd pick') that names something decides; without one, everything named must agree.
+
+    >>> pick_option("The answer is C, Pavlov.", list("ABCD")), pick_option("Not C. The answer is D.", list("ABCD"))
+    ('C', 'D')
+    >>> pick_option("The speaker is a man.", list("ABC"), ["Man", "Woman", "Child"]), pick_option("A or C", list("ABC"))
+    ('A', None)
+    """
+    if not isinstance(completion, str) or not completion.strip():
+        return None
+    bare = completion.strip().strip("*().:").strip()
+    if len(bare) == 1 and bare.upper() in letters:  # 'b', '(c)': the letter, as VoiceBench reads it
+        return bare.upper()
+    usable = [o if isinstance(o, str) else "" for o in (options or [])]
+    text = _affirmed(_mask_options(_plain(completion), usable))
+    spans = []
+    for m in _FINAL.finditer(text):
+        rest = text[m.end() :].lstrip(" \n:*")
+        end = _SENTENCE_END.search(rest)
+        spans.append(rest[: end.start() if end else len(rest)])
+    for span in reversed(spans):  # the last final-answer phrase that names an option decides
+        named = set(_picks(span, letters))
+        if named:
+            return letters[named.pop()] if len(named) == 1 and min(named) < len(letters) else None
+    named = set(_picks(text, letters))
+    return letters[named.pop()] if len(named) == 1 and min(named) < len(letters) else None
+
+
+def _restated_number(completion):
+    """'… 160 minutes, which is 2 hours and 40 minutes.' -> '160': a final quantity restated in other units
+    (not a computation: '3 times 6, which is 18' gives None)."""
+    m = _RESTATED.search(completion.strip())
+    if not m or _OPERATOR.search(completion[: m.start(1)].rstrip()[-12:]):
+        return None
+    return m.group(1).rstrip(".,")
+
+
+def score_row(completion, row):
+    """Is `completion` right for manifest row `row` (data_gen.py's fields)? None when the row has no answer.
+
+    Multiple choice (`choices` = the letters, optional `options` = their texts in the same order): the option
+    pick_option reads must be `answer`. Otherwise `answer` is compared as RuleJudge(ground_truth=True) does
+    ('$18', '18 dollars', '\\boxed{18}'), also accepting a final quantity restated in other units.
+
+    >>> score_row("Answer: C, Pavlov", {"answer": "C", "choices": list("ABCD")})
+    True
+    >>> score_row("It takes 160 minutes, which is 2 hours and 40 minutes.", {"answer": "160"}), score_row("7", {})
+    (True, None)
+    """
+    answer = row.get("answer")
+    if answer is None:
+        return None
+    if row.get("choices"):
+        return pick_option(completion, list(row["choices"]), row.get("options")) == str(answer).strip().upper()
+    reference = _clean(str(answer))
+    if _same(extract_answer(completion), reference):
+        return True
+    restated = _restated_number(completion) if isinstance(completion, str) else None
+    return bool(restated) and _same(restated, reference)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from judge import ModelJudge, RuleJudge, answers_match, extract_answer, main as judge_main
+from judge import ModelJudge, RuleJudge, answers_match, extract_answer, main as judge_main, pick_option, score_row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,3 +271,159 @@ SHAPES = [
 @pytest.mark.parametrize("completion,answer,expected", SHAPES)
 def test_judge_answer_shapes_of_real_completions(completion, answer, expected):
     assert RuleJudge(ground_truth=True)([completion], [answer]) == [float(expected)]
+
+
+# ----------------------------------------------------------------------------------------------
+# score_row: the verdict of evaluation and --reward_ref answer, against a careful reader's labels
+
+ABCD = list("ABCD")
+PAVLOV = {"answer": "C", "choices": ABCD, "options": ["B. F. Skinner", "John Watson", "Ivan Pavlov", "Sigmund Freud"]}
+SPOON = {"answer": "B", "choices": ABCD, "options": ["wool", "a steel spoon", "air", "wood"]}
+LETTERS = {"answer": "C", "choices": ABCD}  # an old manifest: letters, no option texts
+SPEAKER = {"answer": "A", "choices": ABCD, "options": ["Man", "Woman", "Child", "Robot"]}  # MMAU-style rows
+LION = {"answer": "C", "choices": ABCD, "options": ["Tiger", "Dog", "Lion", "Horse"]}
+BEATS = {"answer": "B", "choices": list("ABC"), "options": ["four", "nine", "fourteen"]}
+KEY = {"answer": "A", "choices": ABCD, "options": ["C major", "G major", "A minor", "D minor"]}
+HONK = {"answer": "A", "choices": ABCD, "options": ["Car", "Bicycle", "Train", "Boat"]}
+NONE_OF = {"answer": "D", "choices": ABCD, "options": ["Joy", "Anger", "Sadness", "None of the above"]}
+GSM = {"answer": "18"}
+MINUTES = {"answer": "160"}
+
+# (completion, row, a careful reader's verdict)
+SCORE_TABLE = [
+    # a letter, in the ordinary ways of naming it
+    ("The answer is C, Pavlov.", PAVLOV, True),
+    ("The answer is C - Pavlov.", PAVLOV, True),
+    ("The answer is C (Pavlov).", PAVLOV, True),
+    ("The answer is option C, Pavlov.", PAVLOV, True),
+    ("Answer: C, Pavlov", PAVLOV, True),
+    ("It is C, Pavlov.", PAVLOV, True),
+    ("So the answer is C, which is Pavlov.", PAVLOV, True),
+    ("The answer is **C**.", PAVLOV, True),
+    ("**C. Ivan Pavlov**", PAVLOV, True),
+    ("C", PAVLOV, True),
+    ("c", PAVLOV, True),
+    ("(C)", PAVLOV, True),
+    ("The correct answer is C.", PAVLOV, True),
+    ("I would choose option C.", PAVLOV, True),
+    ("The answer is \\boxed{C}", PAVLOV, True),
+    ("Answer:\n\nC", PAVLOV, True),
+    ("The answer is c.", PAVLOV, True),
+    ("Classical conditioning was described by Pavlov with his dogs, so C.", PAVLOV, True),
+    ("None of the options is entirely right, but the closest is C.", PAVLOV, True),
+    ("The answer is C, Pavlov.", LETTERS, True),
+    ("The answer is B, Watson.", PAVLOV, False),
+    ("B", PAVLOV, False),
+    ("The answer is A.", LETTERS, False),
+    # an option by its words alone (MMAU's way), exactly one option named
+    ("Ivan Pavlov", PAVLOV, True),
+    ("It was Ivan Pavlov who described it.", PAVLOV, True),
+    ("John Watson", PAVLOV, False),
+    ("The speaker is a man.", SPEAKER, True),
+    ("A man is speaking.", SPEAKER, True),
+    ("The speaker is a woman.", SPEAKER, False),
+    ("Lion", LION, True),
+    ("The animal roaring is a lion.", LION, True),
+    ("nine", BEATS, True),
+    ("There are 9 beats.", BEATS, True),
+    ("There are fourteen beats.", BEATS, False),
+    ("C major", KEY, True),
+    ("The piece is in C major.", KEY, True),
+    ("The piece is in G major.", KEY, False),
+    ("The honk comes from a car.", HONK, True),
+    ("A steel spoon conducts heat best.", SPOON, True),
+    ("Steel spoon", SPOON, True),
+    ("Wool.", SPOON, False),
+    ("None of the above.", NONE_OF, True),
+    ("The speaker shows no clear emotion: none of the above.", NONE_OF, True),
+    # hedges: two options, or a letter with another option's words
+    ("A or C", PAVLOV, False),
+    ("The answer is either B or C.", PAVLOV, False),
+    ("It could be a man or a woman.", SPEAKER, False),
+    ("The answer is C, Lion.", {**LION, "answer": "A"}, False),
+    ("The answer is A, Lion.", LION, False),
+    ("C. John Watson", PAVLOV, False),
+    ("B. Watson. C. Pavlov.", PAVLOV, False),
+    # negations name what the answer is not
+    ("Not C. The answer is D.", {**PAVLOV, "answer": "D"}, True),
+    ("Not C. The answer is D.", PAVLOV, False),
+    ("It is not A, it is C.", PAVLOV, True),
+    ("The answer is C, not B.", PAVLOV, True),
+    ("It is not a car, it is a train.", HONK, False),
+    ("It is not a train, it is a car.", HONK, True),
+    ("A is wrong and B is incorrect; the answer is C.", PAVLOV, True),
+    ("The speaker is not a man.", SPEAKER, False),
+    # articles and pronouns are not letters
+    ("A dog barks, then a man speaks: a man.", SPEAKER, True),
+    ("I think it is C.", PAVLOV, True),
+    ("I don't know.", PAVLOV, False),
+    ("", PAVLOV, False),
+    # numbers as GSM8K writes them
+    ("She pays $18.", GSM, True),
+    ("18 dollars", GSM, True),
+    ("So the total is \\boxed{18}.", GSM, True),
+    ("The answer is 18.", GSM, True),
+    ("The answer is eighteen.", GSM, True),
+    ("The answer is 81.", GSM, False),
+    ("It takes 160 minutes, which is 2 hours and 40 minutes.", MINUTES, True),
+    ("So 2 times 80, which is 160.", MINUTES, True),
+    ("So 2 times 80, which is 160.", {"answer": "80"}, False),
+    ("The total time is 160 minutes.", MINUTES, True),
+    ("The total time is 2 hours and 40 minutes.", MINUTES, False),  # 160 only by conversion: not what was asked
+]
+
+
+@pytest.mark.parametrize("completion, row, expected", SCORE_TABLE)
+def test_score_row_table(completion, row, expected):
+    assert score_row(completion, row) is expected
+
+
+def test_score_row_table_size_and_no_answer():
+    assert len(SCORE_TABLE) >= 60
+    assert score_row("The answer is C.", {"choices": ABCD}) is None and score_row("7", {}) is None
+
+
+# Realistic completions written apart from SCORE_TABLE (after the rules), labelled as a careful reader would; the
+# rules must agree on >= 98 %. Known disagreement: 'birds chirping' for the option 'Bird chirping' (plural: no match).
+_MM = {"answer": "B", "choices": ABCD, "options": ["Increase in supply", "Decrease in demand", "Increase in demand",
+                                                   "Price ceiling"]}
+_OB = {"answer": "D", "choices": ABCD, "options": ["a rock", "a cloud", "a shadow", "a plant"]}
+_SND = {"answer": "C", "choices": ABCD, "options": ["Dog barking", "Cat meowing", "Bird chirping", "Cow mooing"]}
+_MUS = {"answer": "A", "choices": ABCD, "options": ["Piano", "Violin", "Guitar", "Drums"]}
+_EMO = {"answer": "B", "choices": ABCD, "options": ["Happy", "Angry", "Sad", "Neutral"]}
+_CNT = {"answer": "C", "choices": ABCD, "options": ["1", "2", "3", "4"]}
+REALISTIC = [
+    ("The correct answer is B. Decrease in demand.", _MM, True), ("B) Decrease in demand", _MM, True),
+    ("The answer is B: a decrease in demand shifts the curve left.", _MM, True),
+    ("A decrease in demand would cause the price to fall, so the answer is B.", _MM, True),
+    ("Option B, decrease in demand.", _MM, True), ("I believe the answer is (B).", _MM, True),
+    ("The answer is A, increase in supply.", _MM, False), ("Both B and C are plausible.", _MM, False),
+    ("Decrease in demand.", _MM, True), ("An increase in demand.", _MM, False),
+    ("The answer is B or D.", _MM, False), ("I'm not sure, but I think it's B.", _MM, True),
+    ("Answer: D", _OB, True), ("D. a plant", _OB, True), ("A plant is a living thing, so the answer is D.", _OB, True),
+    ("The answer is D, a plant, because it makes its own food.", _OB, True), ("a plant", _OB, True),
+    ("A rock is not alive; a plant is. D.", _OB, True), ("The answer is (A) a rock.", _OB, False),
+    ("Among the options, a cloud and a shadow are not living, so the answer is d.", _OB, True),
+    ("The sound is a bird chirping.", _SND, True), ("Bird chirping", _SND, True),
+    ("I hear birds chirping in the background.", _SND, True), ("It sounds like a dog barking.", _SND, False),
+    ("C. Bird chirping", _SND, True),
+    ("The instrument is a piano.", _MUS, True), ("Piano", _MUS, True),
+    ("The melody is played on the violin.", _MUS, False),
+    ("A piano plays the melody while drums keep time.", _MUS, False),
+    ("The speaker sounds angry.", _EMO, True), ("Angry.", _EMO, True),
+    ("The speaker is not happy; they sound angry.", _EMO, True), ("The emotion is sad.", _EMO, False),
+    ("There are 3 people speaking.", _CNT, True), ("three", _CNT, True), ("The answer is C.", _CNT, True),
+    ("I count two speakers.", _CNT, False),
+    ("Natalia sold 48 clips in April and 24 in May, so she sold 48 + 24 = 72 clips.", {"answer": "72"}, True),
+    ("The answer is 72.", {"answer": "72"}, True), ("72 clips", {"answer": "72"}, True),
+    ("She sold seventy-two clips altogether.", {"answer": "72"}, True), ("The answer is 48.", {"answer": "72"}, False),
+    ("He needs $5 more.", {"answer": "5"}, True), ("So the answer is \\boxed{5}.", {"answer": "5"}, True),
+    ("Five dollars.", {"answer": "5"}, True), ("He needs 5 dollars, which is 500 cents.", {"answer": "5"}, True),
+    ("The total is $1,200.", {"answer": "1200"}, True), ("1200", {"answer": "1200"}, True),
+    ("It costs 1,200 dollars in total.", {"answer": "1200"}, True), ("The answer is 120.", {"answer": "1200"}, False),
+]
+
+
+def test_score_row_agrees_with_a_careful_reader_on_realistic_completions():
+    disagree = [(c, r["answer"]) for c, r, want in REALISTIC if score_row(c, r) is not want]
+    assert len(REALISTIC) == 50 and len(disagree) <= 1, disagree  # >= 98 %
