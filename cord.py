@@ -67,7 +67,7 @@ from cordkit.families import LALM, audio_window_seconds, configure_trainable, en
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
 POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")  # value ranges, checked at parse time: these > 0, and MIN_VALUE's >=
-MIN_VALUE = dict(compare_seeds=1, eval_every=0, threads=0, lora_r=1, k=1, k_frac=0, beta=1, group_size=1, temperature=0,
+MIN_VALUE = dict(eval_every=0, threads=0, lora_r=1, k=1, k_frac=0, beta=1, group_size=1, temperature=0,
                  grpo_temperature=0, ref_temperature=0, max_new_tokens=1, weight_decay=0, batch_size=1, steps=1, chunk_size=0,
                  save_every=1, save_total_limit=0, eval_limit=1, eval_batch_size=1)
 
@@ -84,9 +84,6 @@ class Args:
     output: str = field(default="runs/cord", metadata={"help": "output folder: metrics.jsonl, checkpoints, final/"})
     eval: bool = field(default=False, metadata={"help": "only evaluate --model on --data (audio vs text accuracy)"})
     baseline: Optional[str] = field(default=None, metadata={"help": "summary.json of the base model, for gap reduction"})
-    compare: bool = field(default=False, metadata={"help": "tiny demo: every objective x --compare_seeds, table + plot"})
-    compare_seeds: int = field(default=3, metadata={"help": "seeds per objective with --compare"})
-    compare_objectives: str = field(default="sft,fkl,grpo,opd,opd+grpo,cord", metadata={"help": "objectives for --compare"})
     eval_every: int = field(default=0, metadata={"help": "evaluate --eval_data (the demo: its eval set) every n steps; 0 = before/after"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 per process when several share the cores)"})
     objective: Literal[OBJECTIVES] = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
@@ -700,8 +697,7 @@ def parse_args(argv=None) -> Args:
                  (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
                  (args.baseline and not Path(args.baseline).is_file(), f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
                  (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
-                 (args.report_to != "none" and not importlib.util.find_spec(args.report_to), f"--report_to {args.report_to}: pip install {args.report_to}"),
-                 (any(o not in OBJECTIVES for o in args.compare_objectives.split(",")), f"--compare_objectives {args.compare_objectives}: choose from {', '.join(OBJECTIVES)}")]
+                 (args.report_to != "none" and not importlib.util.find_spec(args.report_to), f"--report_to {args.report_to}: pip install {args.report_to}")]
     if any(bad for bad, _ in problems):
         parser.error(f"argument {next(message for bad, message in problems if bad)}")
     return replace(args, chunk_size=args.chunk_size or None)  # 0: the reference functions, no chunking
@@ -719,7 +715,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from demo.run import demo  # the CPU demo and --compare (demo/run.py imports this module: imported here only)
+        from demo.run import demo  # the CPU demo (demo/run.py imports this module: imported here only)
 
         return demo(args)
     if args.data is None:
