@@ -6,7 +6,7 @@ rollouts it is pulled towards its own text-conditioned predictions, token by tok
 reverse KL, Eq. 2-7) and sequence by sequence (a judge reward optimised with GRPO, Eq. 8-10).
 This file is the paper; the files beside it hold what is not (README: the file tree).
 
-    python cord.py                                   # CPU demo (demo.py): tiny Qwen2-Audio, before/after table
+    python cord.py                      # CPU demo (demo/run.py): tiny Qwen2-Audio, before/after table
     python cord.py --model Qwen/Qwen2-Audio-7B-Instruct --data data/train/manifest.jsonl --output runs/cord
     python cord.py --eval true --model runs/cord/final --data data/eval/manifest.jsonl --output runs/eval
 
@@ -21,10 +21,11 @@ Departures from the paper (each switchable unless noted):
  3. `--reward_ref answer` (or `both`) uses the ground-truth answer instead of / besides y_hat.
  4. Eq. 7 is normalised by sum_t w_t (`--normalize weights`) so alpha = beta = 1 is exactly Eq. 3;
     `--normalize length` divides by T instead.
- 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient, at a temperature
-    the paper does not give: the GRPO log-probs use logits / tau_grpo, the policy that sampled the rollouts
-    (`--grpo_logp_temperature sampling`, as TRL and verl do), for only then is A_i grad log pi(y_i) the policy
-    gradient of the distribution whose rewards were measured (`one`: tau = 1). Eq. 2's KL uses temperature 1.
+ 5. pi_old = pi_theta (one update per batch), so rho = 1 and Eq. 10 is the plain policy gradient, at a
+    temperature the paper does not give: the GRPO log-probs use logits / tau_grpo, the policy that sampled
+    the rollouts (`--grpo_logp_temperature sampling`, as TRL and verl do), for only then is
+    A_i grad log pi(y_i) the policy gradient of the distribution whose rewards were measured
+    (`one`: tau = 1). Eq. 2's KL uses temperature 1.
  6. GRPO advantages divide by std + 1e-4 by default (`--adv_scale none`: Dr. GRPO / the paper's
     Eq. 9 as written).
  7. The OPD rollout (tau = 1.0) and the G GRPO rollouts (tau = 1.5) share one prefill per prompt
@@ -35,8 +36,10 @@ Departures from the paper (each switchable unless noted):
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
 10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
     wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
-11. cordkit/chunked.py: the losses in bounded memory, same values and gradients (`--chunk_size 0`: the reference functions);
-    on CUDA the rollouts over a static KV cache, one CUDA graph per token, same semantics (`--compile_rollout off`: eager).
+11. The training path (`head_terms`, `kl_maybe_chunked`) computes the losses in bounded memory with
+    cordkit/chunked.py, same values and gradients as the reference functions of Eq. 2 (which
+    `--chunk_size 0` uses); on CUDA the rollouts run over a static KV cache, one CUDA graph per
+    token, same semantics (`--compile_rollout off`: eager).
 The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo.py says which.
 """
 from __future__ import annotations
@@ -47,7 +50,6 @@ import importlib.util
 import inspect
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,87 +62,96 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import judge as judge_lib
-from cordkit import chunked
-from cordkit import evaluation, plumbing
-from cordkit.manifest import check_durations, load_audio, load_manifest
+from cordkit import chunked, evaluation, plumbing
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
+from cordkit.manifest import check_durations, load_audio, load_manifest
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
-POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")  # value ranges, checked at parse time: these > 0, and MIN_VALUE's >=
+# value ranges, checked at parse time: POSITIVE's > 0, MIN_VALUE's >= their value
+POSITIVE = ("alpha", "clip_eps", "lr", "max_grad_norm")
 MIN_VALUE = dict(eval_every=0, threads=0, lora_r=1, k=1, k_frac=0, beta=1, group_size=1, temperature=0,
-                 grpo_temperature=0, ref_temperature=0, max_new_tokens=1, weight_decay=0, batch_size=1, steps=1, chunk_size=0,
-                 save_every=1, save_total_limit=0, eval_limit=1, eval_batch_size=1)
+                 grpo_temperature=0, ref_temperature=0, max_new_tokens=1, weight_decay=0, batch_size=1, steps=1,
+                 chunk_size=0, save_every=1, save_total_limit=0, eval_limit=1, eval_batch_size=1)
 
 
 # ----------------------------------------------------------------------------------------------
 # Arguments (defaults are the paper's hyperparameters)
 
 
+def arg(default, text: str):  # a field whose --help line is `text`
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class Args:
-    model: Optional[str] = field(default=None, metadata={"help": "local dir or hub id; none = the tiny CPU demo"})
-    data: Optional[str] = field(default=None, metadata={"help": "training manifest (JSONL), or eval manifest with --eval"})
-    eval_data: Optional[str] = field(default=None, metadata={"help": "manifests (comma-separated) evaluated during training: eval.jsonl"})
-    output: str = field(default="runs/cord", metadata={"help": "output folder: metrics.jsonl, checkpoints, final/"})
-    eval: bool = field(default=False, metadata={"help": "only evaluate --model on --data (audio vs text accuracy)"})
-    baseline: Optional[str] = field(default=None, metadata={"help": "summary.json of the base model, for gap reduction"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate --eval_data (the demo: its eval set) every n steps; 0 = before/after"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (use 1 per process when several share the cores)"})
-    objective: Literal[OBJECTIVES] = field(default="cord", metadata={"help": "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl"})
-    teacher: Literal["live", "frozen"] = field(default="live", metadata={"help": "live: current weights; frozen: initial weights"})
-    train: Literal["all", "llm", "audio", "lora"] = field(default="all", metadata={"help": "which parameters train"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank with --train lora"})
-    k: int = field(default=20, metadata={"help": "K in Eq. 4: top-K positions by D_t get weight alpha"})
-    k_frac: float = field(default=0.0, metadata={"help": "if > 0: K = ceil(k_frac * T) per sequence (departure 8)"})
-    alpha: float = field(default=2.0, metadata={"help": "alpha in Eq. 4 (importance weight)"})
-    beta: float = field(default=2.0, metadata={"help": "beta in Eq. 5 (weight of the first token)"})
-    normalize: Literal["weights", "length"] = field(default="weights", metadata={"help": "Eq. 7 reduction: sum_t w_t | T"})
-    group_size: int = field(default=4, metadata={"help": "G (the paper's N): GRPO rollouts per audio prompt (Eq. 9)"})
-    temperature: float = field(default=1.0, metadata={"help": "tau of the OPD rollout"})
-    grpo_temperature: float = field(default=1.5, metadata={"help": "tau of the GRPO rollouts"})
-    grpo_logp_temperature: Literal["sampling", "one"] = field(default="sampling", metadata={"help": "Eq. 10's log pi at tau_grpo | at 1 (departure 5)"})
-    ref_temperature: float = field(default=0.0, metadata={"help": "tau of y_hat ~ pi(.|x_t); 0 = greedy"})
-    opd_rollout: Literal["separate", "group"] = field(default="separate", metadata={"help": "separate (paper) | group (token loss on the GRPO group)"})
-    max_new_tokens: int = field(default=200, metadata={"help": "max completion length T"})
-    lam: float = field(default=1.0, metadata={"help": "lambda: L = L_tok + lambda L_seq"})
-    clip_eps: float = field(default=0.2, metadata={"help": "epsilon in Eq. 10"})
-    adv_scale: Literal["std", "none"] = field(default="std", metadata={"help": "Eq. 9: std (GRPO) | none (r - mean, Dr. GRPO)"})
-    grpo_reduction: Literal["sequence", "token"] = field(default="sequence", metadata={"help": "Eq. 10: sequence (1/|y_i| then mean) | token"})
-    reward_ref: Literal["text", "answer", "both"] = field(default="text", metadata={"help": "Eq. 8 reference: text (y_hat) | answer | both"})
-    judge: Literal["rule", "model"] = field(default="rule", metadata={"help": "rule (judge.RuleJudge) | model (judge.ModelJudge)"})
-    judge_model: Optional[str] = field(default=None, metadata={"help": "causal LM for --judge model; none = the LALM"})
-    instruction: str = field(default="Solve the problem. End with: The answer is <answer>.", metadata={"help": "after the audio / the transcript"})
-    system_prompt: Optional[str] = field(default=None, metadata={"help": "system prompt; none = the template's"})
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    batch_size: int = field(default=8, metadata={"help": "B: audio prompts per step"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    chunk_size: Optional[int] = field(default=32, metadata={"help": "positions per chunk in the exact KL (cordkit/chunked.py); 0 = the plain reference"})
-    compile_rollout: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
-    long_audio: Literal["refuse", "drop", "cut"] = field(default="refuse", metadata={"help": "clips over the encoder's window: cut = it hears their start"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
-    overwrite: bool = field(default=False, metadata={"help": "start over in an --output that holds a run (its checkpoints are deleted)"})
-    save_total_limit: int = field(default=3, metadata={"help": "keep the newest n checkpoints; 0 = all"})
-    eval_limit: Optional[int] = field(default=None, metadata={"help": "evaluate only the first n items"})
-    eval_batch_size: int = field(default=32, metadata={"help": "prompts per eval batch"})
-    seed: int = field(default=0, metadata={"help": "run seed"})
-    dtype: Literal["auto", "bfloat16", "float32"] = field(default="auto", metadata={"help": "auto = bf16 on GPU, fp32 on CPU"})
-    device: Optional[str] = field(default=None, metadata={"help": "cuda / cpu; none = cuda if available"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
-    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard a full fine-tune across ranks (FSDP2)"})
-    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={"help": "also log to TensorBoard (<output>/tensorboard) | W&B"})
+    model: Optional[str] = arg(None, "local dir or hub id; none = the tiny CPU demo")
+    data: Optional[str] = arg(None, "training manifest (JSONL), or eval manifest with --eval")
+    eval_data: Optional[str] = arg(None, "manifests (comma-separated) evaluated during training: eval.jsonl")
+    output: str = arg("runs/cord", "output folder: metrics.jsonl, checkpoints, final/")
+    eval: bool = arg(False, "only evaluate --model on --data (audio vs text accuracy)")
+    baseline: Optional[str] = arg(None, "summary.json of the base model, for gap reduction")
+    eval_every: int = arg(0, "evaluate --eval_data (the demo: its eval set) every n steps; 0 = before/after")
+    threads: int = arg(0, "torch CPU threads; 0 = torch's default (use 1 per process when several share the cores)")
+    objective: Literal[OBJECTIVES] = arg("cord", "cord | opd (Eq. 3) | grpo | opd+grpo | sft | fkl")
+    teacher: Literal["live", "frozen"] = arg("live", "live: current weights; frozen: initial weights")
+    train: Literal["all", "llm", "audio", "lora"] = arg("all", "which parameters train")
+    lora_r: int = arg(16, "LoRA rank with --train lora")
+    k: int = arg(20, "K in Eq. 4: top-K positions by D_t get weight alpha")
+    k_frac: float = arg(0.0, "if > 0: K = ceil(k_frac * T) per sequence (departure 8)")
+    alpha: float = arg(2.0, "alpha in Eq. 4 (importance weight)")
+    beta: float = arg(2.0, "beta in Eq. 5 (weight of the first token)")
+    normalize: Literal["weights", "length"] = arg("weights", "Eq. 7 reduction: sum_t w_t | T")
+    group_size: int = arg(4, "G (the paper's N): GRPO rollouts per audio prompt (Eq. 9)")
+    temperature: float = arg(1.0, "tau of the OPD rollout")
+    grpo_temperature: float = arg(1.5, "tau of the GRPO rollouts")
+    grpo_logp_temperature: Literal["sampling", "one"] = arg("sampling", "Eq. 10: log pi at tau_grpo | 1 (departure 5)")
+    ref_temperature: float = arg(0.0, "tau of y_hat ~ pi(.|x_t); 0 = greedy")
+    opd_rollout: Literal["separate", "group"] = arg("separate", "separate (paper) | group (L_tok on the GRPO group)")
+    max_new_tokens: int = arg(200, "max completion length T")
+    lam: float = arg(1.0, "lambda: L = L_tok + lambda L_seq")
+    clip_eps: float = arg(0.2, "epsilon in Eq. 10")
+    adv_scale: Literal["std", "none"] = arg("std", "Eq. 9: std (GRPO) | none (r - mean, Dr. GRPO)")
+    grpo_reduction: Literal["sequence", "token"] = arg("sequence", "Eq. 10: sequence (1/|y_i| then mean) | token")
+    reward_ref: Literal["text", "answer", "both"] = arg("text", "Eq. 8 reference: text (y_hat) | answer | both")
+    judge: Literal["rule", "model"] = arg("rule", "rule (judge.RuleJudge) | model (judge.ModelJudge)")
+    judge_model: Optional[str] = arg(None, "causal LM for --judge model; none = the LALM")
+    instruction: str = arg("Solve the problem. End with: The answer is <answer>.", "after the audio / the transcript")
+    system_prompt: Optional[str] = arg(None, "system prompt; none = the template's")
+    lr: float = arg(3e-5, "AdamW learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    batch_size: int = arg(8, "B: audio prompts per step")
+    steps: int = arg(1000, "optimizer steps")
+    chunk_size: Optional[int] = arg(32, "positions per chunk of the exact KL (cordkit/chunked.py); 0 = the reference")
+    compile_rollout: Literal["auto", "on", "off"] = arg(
+        "auto", "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA")
+    save_every: int = arg(100, "checkpoint every this many steps")
+    long_audio: Literal["refuse", "drop", "cut"] = arg(
+        "refuse", "clips over the encoder's window: cut = it hears their start")
+    resume: bool = arg(False, "continue from the last complete checkpoint in --output")
+    overwrite: bool = arg(False, "start over in an --output that holds a run (its checkpoints are deleted)")
+    save_total_limit: int = arg(3, "keep the newest n checkpoints; 0 = all")
+    eval_limit: Optional[int] = arg(None, "evaluate only the first n items")
+    eval_batch_size: int = arg(32, "prompts per eval batch")
+    seed: int = arg(0, "run seed")
+    dtype: Literal["auto", "bfloat16", "float32"] = arg("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: Optional[str] = arg(None, "cuda / cpu; none = cuda if available")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward")
+    trust_remote_code: bool = arg(False, "allow custom model code from the hub")
+    fsdp: bool = arg(False, "under torchrun: shard a full fine-tune across ranks (FSDP2)")
+    report_to: Literal["none", "tensorboard", "wandb"] = arg("none", "also log to <output>/tensorboard | W&B")
 
 
 # ----------------------------------------------------------------------------------------------
 # Prompts: x_a and x_t for one LALM (families.py loads it: the model, its tokenizer, its audio path)
 
 
-def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> str:  # one user turn in the model's template
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
-    return lalm.tokenizer.apply_chat_template(messages, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
+def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> str:
+    """One user turn in the model's chat template, ending where the model's answer starts."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = system + [{"role": "user", "content": content}]
+    return lalm.tokenizer.apply_chat_template(messages, chat_template=lalm.chat_template, tokenize=False,
+                                              add_generation_prompt=True)
 
 
 def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_prompt: Optional[str] = None) -> dict:
@@ -160,11 +171,13 @@ def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_pro
     audio_texts, text_texts = [], []
     for ex, n in zip(examples, n_audio.tolist()):
         shown = "\n".join(filter(None, [ex.get("prompt"), instruction]))  # in both prompts
-        a = _render(lalm, [{"type": "audio", "audio": str(ex["audio_path"])}, {"type": "text", "text": shown}], system_prompt)
+        heard = [{"type": "audio", "audio": str(ex["audio_path"])}, {"type": "text", "text": shown}]
+        a = _render(lalm, heard, system_prompt)
         if a.count(placeholder) != 1:
             raise SystemExit(f"the chat template must render one {placeholder} per audio (got {a.count(placeholder)})")
         audio_texts.append(a.replace(placeholder, placeholder * n))
-        text_texts.append(_render(lalm, [{"type": "text", "text": "\n".join(filter(None, [ex.get("text"), shown]))}], system_prompt))
+        read = "\n".join(filter(None, [ex.get("text"), shown]))  # the transcript in place of the audio
+        text_texts.append(_render(lalm, [{"type": "text", "text": read}], system_prompt))
     enc = lambda texts: tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     a, t = enc(audio_texts), enc(text_texts)
     dev = lalm.device
@@ -195,7 +208,8 @@ def completion_hidden(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
     S = prompt_embeds.shape[1]
     x = torch.cat([prompt_embeds, lalm.base.get_input_embeddings()(y[:, :-1])], 1)  # (R, S+T-1, C)
     mask = torch.cat([prompt_mask, y_mask[:, :-1].long()], 1)  # (R, S+T-1)
-    h = lalm.base.get_decoder()(inputs_embeds=x, attention_mask=mask, position_ids=_positions(mask), use_cache=False).last_hidden_state
+    decoder = lalm.base.get_decoder()
+    h = decoder(inputs_embeds=x, attention_mask=mask, position_ids=_positions(mask), use_cache=False).last_hidden_state
     return h[:, S - 1:]  # (R, T, C): position S-1+t sees x_{<S} and y_{<t}
 
 
@@ -206,36 +220,47 @@ def completion_logits(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
 # ----------------------------------------------------------------------------------------------
 # Loss math (Eq. 2-7). Pure functions: tensors in, tensors out; each can be copied alone.
 # Logits are aligned: index t is the distribution over completion token t; mask (B, T) is True on
-# real completion tokens (right padding). `chunk_size` hands the same computation to cordkit/chunked.py.
+# real completion tokens (right padding). These are the reference versions, written for reading;
+# training calls their memory-bounded twins in cordkit/chunked.py (`kl_maybe_chunked`, `head_terms`).
 
 
-def token_reverse_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> D (B, T)
+def token_reverse_kl(student_logits, teacher_logits, mask):  # -> D (B, T)
     """Eq. 2: D_t = KL(pi(.|x_a, y_<t) || sg pi(.|x_t, y_<t)), exact over V, fp32, 0 on padding.
 
     >>> s = torch.tensor([[[0.0, 0.0]]]); t = torch.tensor([[[1.0, 3.0]]]).log()
-    >>> round(token_reverse_kl(s, t, torch.ones(1, 1, dtype=torch.bool)).item(), 4)  # 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
+    >>> one = torch.ones(1, 1, dtype=torch.bool)
+    >>> round(token_reverse_kl(s, t, one).item(), 4)  # 0.5 log(0.5/0.25) + 0.5 log(0.5/0.75)
     0.1438
     """
-    if chunk_size is not None:  # same values and gradients, bounded memory
-        return chunked.chunked_kl(student_logits, teacher_logits, chunk_size) * mask
     log_p_a = F.log_softmax(student_logits.float(), -1)  # (B, T, V) student: heard
     log_p_t = F.log_softmax(teacher_logits.detach().float(), -1)  # (B, T, V) teacher: read, stop-gradient
     return (log_p_a.exp() * (log_p_a - log_p_t)).sum(-1) * mask  # (B, T) sum_v p_a (log p_a - log p_t)
 
 
-def token_forward_kl(student_logits, teacher_logits, mask, chunk_size=None):  # -> (B, T)
+def token_forward_kl(student_logits, teacher_logits, mask):  # -> (B, T)
     """KL(sg pi_t || pi_s): the off-policy Forward-KL baseline, on text-conditioned trajectories."""
-    if chunk_size is not None:
-        return chunked.chunked_kl(student_logits, teacher_logits, chunk_size, reverse=False) * mask
-    log_p_s, log_p_t = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * mask
+    log_p_s = F.log_softmax(student_logits.float(), -1)  # (B, T, V) student
+    log_p_t = F.log_softmax(teacher_logits.detach().float(), -1)  # (B, T, V) teacher, stop-gradient
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * mask  # (B, T) sum_v p_t (log p_t - log p_s)
 
 
-def token_logprobs(logits, y, chunk_size=None):  # -> (B, T)
+def token_logprobs(logits, y):  # -> (B, T)
     """log pi(y_t | ...) at temperature 1 (GRPO's log pi_theta in Eq. 10)."""
-    if chunk_size is not None:
-        return chunked.chunked_logprobs(logits, y, chunk_size)
-    return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
+    return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)  # (B, T)
+
+
+def top_k_mask(D, mask, k=20):  # -> (B, T) bool
+    """The top-K positions of each sequence by detached D_t (Eq. 4's selection); padding never enters.
+
+    `k` may be an int or a (B,) tensor (a K per sequence). T <= K selects every real token.
+    >>> top_k_mask(torch.tensor([[0.1, 0.9, 0.5, 0.0]]), torch.tensor([[1, 1, 1, 0]]).bool(), k=2)
+    tensor([[False,  True,  True, False]])
+    """
+    T = D.shape[1]
+    k = torch.as_tensor(k, device=D.device).expand(D.shape[0]).clamp(max=T)  # (B,)
+    order = D.detach().masked_fill(~mask, float("-inf")).argsort(-1, descending=True)  # (B, T) padding last
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=D.device).expand_as(order))  # (B, T)
+    return (rank < k[:, None]) & mask  # (B, T)
 
 
 def importance_weights(D, mask, k=20, alpha=2.0):  # -> (B, T)
@@ -245,12 +270,7 @@ def importance_weights(D, mask, k=20, alpha=2.0):  # -> (B, T)
     >>> importance_weights(torch.tensor([[0.1, 0.9, 0.5, 0.0]]), torch.tensor([[1, 1, 1, 0]]).bool(), k=1)
     tensor([[1., 2., 1., 0.]])
     """
-    T = D.shape[1]
-    k = torch.as_tensor(k, device=D.device).expand(D.shape[0]).clamp(max=T)  # (B,)
-    order = D.detach().masked_fill(~mask, float("-inf")).argsort(-1, descending=True)  # (B, T) padding last
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=D.device).expand_as(order))  # (B, T)
-    top = (rank < k[:, None]) & mask
-    return torch.where(top, alpha, 1.0) * mask
+    return torch.where(top_k_mask(D, mask, k), alpha, 1.0) * mask  # (B, T)
 
 
 def position_weights(mask, beta=2.0):  # -> (B, T)
@@ -266,7 +286,7 @@ def position_weights(mask, beta=2.0):  # -> (B, T)
     return w * mask
 
 
-def cord_token_loss(student_logits, teacher_logits, mask, k=20, alpha=2.0, beta=2.0, normalize="weights", chunk_size=None):
+def cord_token_loss(student_logits, teacher_logits, mask, k=20, alpha=2.0, beta=2.0, normalize="weights"):
     """Eq. 6-7: L_tok = mean_b( sum_t w_t D_t / sum_t w_t ), w = w_kl * w_pos -> (loss, metrics).
 
     normalize="weights" (default): alpha = beta = 1 is exactly the uniform Eq. 3.
@@ -275,7 +295,7 @@ def cord_token_loss(student_logits, teacher_logits, mask, k=20, alpha=2.0, beta=
     >>> cord_token_loss(s, t, m)[0].item()  # identical distributions: no divergence
     0.0
     """
-    D = token_reverse_kl(student_logits, teacher_logits, mask, chunk_size)  # (B, T) Eq. 2
+    D = token_reverse_kl(student_logits, teacher_logits, mask)  # (B, T) Eq. 2
     return weighted_token_loss(D, mask, k, alpha, beta, normalize)
 
 
@@ -293,7 +313,8 @@ def weighted_token_loss(D, mask, k=20, alpha=2.0, beta=2.0, normalize="weights")
     has = mask.any(-1)  # (B,) sequences with at least one token
     per_seq = (w * D).sum(-1) / denom.clamp(min=1e-8)  # (B,) Eq. 7, per sequence
     loss = per_seq[has].mean() if has.any() else D.sum() * 0  # mean over sequences
-    d, top = D.detach()[mask].float(), importance_weights(D, mask, k, 2.0) > 1  # (n tokens,), (B, T) the top-K tokens
+    d = D.detach()[mask].float()  # (n tokens,)
+    top = top_k_mask(D, mask, k)  # (B, T) the tokens Eq. 4 weights by alpha
     metrics = {"kl_mean": d.mean().item() if d.numel() else 0.0,
                "kl_top_share": (D.detach()[top].sum() / d.sum().clamp(min=1e-12)).item(),  # KL mass in the top-K
                "k_eff_frac": (top.sum() / mask.sum().clamp(min=1)).item()}  # share of tokens that top-K selects
@@ -324,18 +345,19 @@ def grpo_loss(logp, old_logp, advantages, mask, eps=0.2, group_size=None, reduct
 
     logp, old_logp, mask: (B*G, T); advantages: (B*G,). reduction="sequence" is the paper's
     per-sequence token mean then mean over sequences; "token" averages over all tokens (DAPO).
-    >>> lp = torch.zeros(2, 1); grpo_loss(lp, lp, torch.tensor([1.0, -1.0]), torch.ones(2, 1, dtype=torch.bool))[0].item()
+    >>> lp, one = torch.zeros(2, 1), torch.ones(2, 1, dtype=torch.bool)
+    >>> grpo_loss(lp, lp, torch.tensor([1.0, -1.0]), one)[0].item()
     -0.0
     """
     A = advantages[:, None]  # (B*G, 1)
     rho = torch.exp(logp - old_logp.detach())  # (B*G, T)
     surrogate = torch.min(rho * A, rho.clamp(1 - eps, 1 + eps) * A)  # (B*G, T)
-    m = mask.to(surrogate.dtype)
+    m = mask.to(surrogate.dtype)  # (B*G, T)
     if reduction == "sequence":
-        loss = -((surrogate * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        loss = -((surrogate * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()  # per sequence, then over sequences
     else:
-        loss = -(surrogate * m).sum() / m.sum().clamp(min=1)
-    clipped = ((rho < 1 - eps) & (A < 0)) | ((rho > 1 + eps) & (A > 0))
+        loss = -(surrogate * m).sum() / m.sum().clamp(min=1)  # over all tokens
+    clipped = ((rho < 1 - eps) & (A < 0)) | ((rho > 1 + eps) & (A > 0))  # (B*G, T)
     metrics = {"clip_frac": (clipped & mask).sum().item() / max(mask.sum().item(), 1)}
     if group_size:
         metrics["zero_spread_frac"] = (advantages.view(-1, group_size).abs().amax(1) == 0).float().mean().item()
@@ -345,7 +367,8 @@ def grpo_loss(logp, old_logp, advantages, mask, eps=0.2, group_size=None, reduct
 def make_judge(args: Args, lalm: LALM):
     """J of Eq. 8 (judge.py): rule (RuleJudge); model (ModelJudge: P(yes) that two answers agree), asking --judge_model
     or, without one, the LALM's own text path (no audio in the prompt)."""
-    return judge_lib.make_judges(args.judge, lalm.base, lalm.tokenizer, args.judge_model, args.trust_remote_code, lalm.device)
+    return judge_lib.make_judges(args.judge, lalm.base, lalm.tokenizer, args.judge_model, args.trust_remote_code,
+                                 lalm.device)
 
 
 def rewards_for(judges, completions: list[str], refs: list, answers: list, mode: str) -> torch.Tensor:
@@ -356,10 +379,14 @@ def rewards_for(judges, completions: list[str], refs: list, answers: list, mode:
     judge_text, judge_gt = judges
     if mode == "answer" and None in answers:
         raise SystemExit("--reward_ref answer: an example has no 'answer'; use --reward_ref text or both")
-    r_text = judge_text(completions, refs) if mode != "answer" else [None] * len(completions)
-    r_gt = [rt if a is None else judge_gt([c], [str(a)])[0] for c, a, rt in zip(completions, answers, r_text)] if mode != "text" else None
-    r = r_text if mode == "text" else r_gt if mode == "answer" else [min(g, t) for g, t in zip(r_gt, r_text)]
-    return torch.tensor(r, dtype=torch.float32)
+    if mode == "text":
+        r = judge_text(completions, refs)  # J(y_i, y_hat)
+    elif mode == "answer":
+        r = [judge_gt([c], [str(a)])[0] for c, a in zip(completions, answers)]  # J(y_i, ground truth)
+    else:  # both: y_hat and the ground truth must agree; y_hat alone where a row has no answer
+        r_text = judge_text(completions, refs)
+        r = [t if a is None else min(judge_gt([c], [str(a)])[0], t) for c, a, t in zip(completions, answers, r_text)]
+    return torch.tensor(r, dtype=torch.float32)  # (B*G,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,14 +398,17 @@ def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_
     """y ~ pi(.|x): n samples per prompt from ONE prefill (KV cache repeated n times).
 
     temperature: a float or a list of n floats (row j of each prompt uses temperature[j]); 0 = greedy.
-    Returns y (B*n, T) and its mask (B*n, T), True up to and including EOS. fast: "on" | "auto" (on CUDA) | "off".
+    Returns y (B*n, T) and its mask (B*n, T), True up to and including EOS.
+    fast: "on" | "auto" (on CUDA) | "off": cordkit/chunked.py's static KV cache + CUDA graphs, same semantics.
     """
     decoder, head = lalm.base.get_decoder(), lalm.base.get_output_embeddings()
     pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
-    if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and chunked.static_supported(decoder)):  # static KV cache + CUDA graph
-        return chunked.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, lalm.eos_ids, lalm.suppress_ids, pad)
+    if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and chunked.static_supported(decoder)):
+        return chunked.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens,
+                                     lalm.eos_ids, lalm.suppress_ids, pad)  # static KV cache + CUDA graph
     pos = _positions(prompt_mask)  # (B, S)
-    cache_kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # 5.24 renamed it
+    takes = inspect.signature(decoder.forward).parameters
+    cache_kw = "cache" if "cache" in takes else "past_key_values"  # transformers 5.24 renamed it
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
     cache = getattr(out, cache_kw)  # the output field has the argument's name
     cache.batch_repeat_interleave(n)  # share the prompt encoding across the n samples
@@ -436,7 +466,8 @@ def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq:
     opd_row = use_tok and not (use_seq and args.opd_rollout == "group")
     taus = [args.temperature] * opd_row + [args.grpo_temperature] * (G if use_seq else 0)
     if taus:
-        y, m = sample(lalm, x_a, prompts["audio_mask"], len(taus), taus, args.max_new_tokens, fast=args.compile_rollout)  # (B*n, T)
+        y, m = sample(lalm, x_a, prompts["audio_mask"], len(taus), taus, args.max_new_tokens,
+                      fast=args.compile_rollout)  # (B*n, T)
         out.tokens = m.sum().item()
         y, m = y.view(B, len(taus), -1), m.view(B, len(taus), -1)  # (B, n, T): row 0 is the OPD row
         if opd_row:
@@ -446,7 +477,8 @@ def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq:
     if obj in ("sft", "fkl") or (use_seq and args.reward_ref != "answer"):
         tau_ref = args.temperature if obj == "fkl" else args.ref_temperature  # fkl: y ~ pi(.|x_t) on-text
         x_t = embed_prompts(lalm, prompts["text_ids"])  # (B, S_t, C)
-        out.ref = sample(lalm, x_t, prompts["text_mask"], 1, tau_ref, args.max_new_tokens, fast=args.compile_rollout)  # (B, T)
+        out.ref = sample(lalm, x_t, prompts["text_mask"], 1, tau_ref, args.max_new_tokens,
+                         fast=args.compile_rollout)  # (B, T)
     return out
 
 
@@ -461,72 +493,127 @@ class Teacher:
     def __init__(self, lalm: LALM, mode: str):
         self.lalm, self.mode, self.copy = lalm, mode, None
         if mode == "frozen" and not hasattr(lalm.model, "disable_adapter"):
-            self.copy = LALM(**{**lalm.__dict__, "model": copy.deepcopy(lalm.model).requires_grad_(False).eval()})
+            self.copy = replace(lalm, model=copy.deepcopy(lalm.model).requires_grad_(False).eval())
 
     @torch.no_grad()
     def hidden(self, text_ids, text_mask, y, y_mask):  # -> (R, T, C) hidden states, (V, C) head weight
         lalm = self.copy or self.lalm
         was_training = lalm.model.training
         lalm.model.eval()  # no dropout in the teacher
-        with lalm.model.disable_adapter() if self.mode == "frozen" and self.copy is None else contextlib.nullcontext():
-            h = completion_hidden(lalm, embed_prompts(lalm, text_ids), text_mask, y, y_mask)
+        adapter_off = self.mode == "frozen" and self.copy is None  # frozen under LoRA: the base model's weights
+        with lalm.model.disable_adapter() if adapter_off else contextlib.nullcontext():
+            h = completion_hidden(lalm, embed_prompts(lalm, text_ids), text_mask, y, y_mask)  # (R, T, C)
         lalm.model.train(was_training)
         return h, lalm.base.get_output_embeddings().weight
 
 
-def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):  # -> D (R, T) or None, logp (R, T)
-    """Eq. 2 against the teacher's hidden states h_t (when given) and log pi(y_t) from logits / temperature, from
-    student hidden states (R, T, C). With chunk_size (the default) the (R, T, V) logits never exist (cordkit/chunked.py)."""
+def kl_maybe_chunked(student_logits, teacher_logits, mask, chunk_size=None, reverse=True):  # -> (R, T)
+    """Eq. 2 (reverse=False: the forward KL) as training computes it: with chunk_size, in bounded memory by
+    cordkit/chunked.py (the same values and gradients: tests/test_chunked.py); without, the reference above."""
+    if chunk_size is not None:
+        return chunked.chunked_kl(student_logits, teacher_logits, chunk_size, reverse) * mask  # (R, T)
+    if reverse:
+        return token_reverse_kl(student_logits, teacher_logits, mask)  # (R, T)
+    return token_forward_kl(student_logits, teacher_logits, mask)  # (R, T)
+
+
+def logprobs_maybe_chunked(logits, y, chunk_size=None):  # -> (R, T)
+    """log pi(y_t) as training computes it: cordkit/chunked.py with chunk_size, else the reference token_logprobs."""
+    if chunk_size is not None:
+        return chunked.chunked_logprobs(logits, y, chunk_size)  # (R, T)
+    return token_logprobs(logits, y)  # (R, T)
+
+
+def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):
+    """D (R, T) of Eq. 2 against the teacher's hidden states h_t (None without them) and log pi(y_t) (R, T) from
+    logits / temperature, from student hidden states h (R, T, C). With chunk_size (the default) and a head
+    without bias, the (R, T, V) logits never exist (cordkit/chunked.py's fused head)."""
     head = lalm.base.get_output_embeddings()
     if chunk_size is not None and head.bias is None:  # logits / tau = (h / tau) W^T, exactly
         D, logp = chunked.fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
         return (D if h_t is not None else None), logp
     s = head(h) / temperature  # (R, T, V)
-    D = token_reverse_kl(s, h_t @ W_t.T, mask, chunk_size) if h_t is not None else None
-    return D, token_logprobs(s, y, chunk_size)
+    D = kl_maybe_chunked(s, h_t @ W_t.T, mask, chunk_size) if h_t is not None else None  # (R, T) Eq. 2
+    return D, logprobs_maybe_chunked(s, y, chunk_size)  # (R, T)
 
 
 def baseline_loss(lalm: LALM, h, y, mask, h_t, W_t, objective: str, chunk_size=None):
     """The extra baselines on y_hat ~ pi(.|x_t) (departure 9), a per-sequence token mean then mean over sequences:
     sft = cross-entropy of y_hat from the audio prompt; fkl = KL(pi(.|x_t) || pi(.|x_a)) along that text trajectory."""
     if objective == "sft":
-        per_tok = -head_terms(lalm, h, y, mask, chunk_size=chunk_size)[1]  # (B, T)
+        per_tok = -head_terms(lalm, h, y, mask, chunk_size=chunk_size)[1]  # (B, T) -log pi(y_hat_t | x_a)
     else:
-        per_tok = token_forward_kl(lalm.base.get_output_embeddings()(h), h_t @ W_t.T, mask, chunk_size)  # (B, T)
+        s = lalm.base.get_output_embeddings()(h)  # (B, T, V)
+        per_tok = kl_maybe_chunked(s, h_t @ W_t.T, mask, chunk_size, reverse=False)  # (B, T)
     return ((per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def loss_rows(ro: Rollouts, objective: str) -> dict:
+    """The rollouts that carry a loss for this objective: name -> (y, mask), in the order they are stacked."""
+    rows = {}
+    if ro.opd is not None:
+        rows["opd"] = ro.opd  # (B, T) L_tok
+    if ro.group is not None:
+        rows["group"] = ro.group  # (B*G, T) L_seq (and L_tok with --opd_rollout group)
+    if ro.ref is not None and objective in ("sft", "fkl"):
+        rows["ref"] = ro.ref  # (B, T) the baselines' y_hat
+    return rows
+
+
+def student_hidden(lalm: LALM, x_a, m_a, rows: dict) -> dict:
+    """One student forward on x_a (B, S_a, C) over every set of rows at once -> name -> hidden states (R_i, T_i, C).
+
+    Each set's rows are prompt-major (R_i = B * reps); the sets are right-padded to one T and stacked."""
+    B = x_a.shape[0]
+    reps = [y.shape[0] // B for y, _ in rows.values()]  # rollouts per prompt in each set
+    x = torch.cat([x_a.repeat_interleave(r, 0) for r in reps])  # (R, S_a, C)
+    m = torch.cat([m_a.repeat_interleave(r, 0) for r in reps])  # (R, S_a)
+    y = pad_cat([y_i for y_i, _ in rows.values()], lalm.tokenizer.pad_token_id or 0)  # (R, T)
+    y_mask = pad_cat([m_i for _, m_i in rows.values()], False)  # (R, T)
+    h = completion_hidden(lalm, x, m, y, y_mask)  # (R, T, C)
+    out, start = {}, 0
+    for name, (y_i, _) in rows.items():
+        R_i, T_i = y_i.shape
+        out[name] = h[start:start + R_i, :T_i]  # (R_i, T_i, C)
+        start += R_i
+    return out
 
 
 def student_loss(lalm: LALM, x_a, m_a, ro: Rollouts, h_t, W_t, A, args: Args) -> tuple[torch.Tensor, dict]:
     """One student forward on x_a over every row that carries a loss -> L = L_tok + lambda L_seq (or a baseline)."""
     obj = args.objective
-    rows = {name: r for name, r in (("opd", ro.opd), ("group", ro.group), ("ref", ro.ref if obj in ("sft", "fkl") else None)) if r is not None}
-    B, reps = x_a.shape[0], [y.shape[0] // x_a.shape[0] for y, _ in rows.values()]
+    rows = loss_rows(ro, obj)
     lalm.model.train()
-    h = completion_hidden(lalm, torch.cat([x_a.repeat_interleave(r, 0) for r in reps]), torch.cat([m_a.repeat_interleave(r, 0) for r in reps]),
-                          pad_cat([y for y, _ in rows.values()], lalm.tokenizer.pad_token_id or 0),
-                          pad_cat([m for _, m in rows.values()], False))  # (R, T, C)
-    h = {name: part[:, :y.shape[1]] for (name, (y, _)), part in zip(rows.items(), h.split([r * B for r in reps]))}
+    h = student_hidden(lalm, x_a, m_a, rows)  # name -> (R_i, T_i, C)
     loss, metrics, logp = x_a.new_zeros((), dtype=torch.float32), {}, None
     if obj in ("cord", "opd", "opd+grpo"):
         on = "opd" if "opd" in rows else "group"  # departure 7: --opd_rollout group puts L_tok on the group
         y, m = rows[on]
         D, logp_on = head_terms(lalm, h[on], y, m, h_t, W_t, args.chunk_size)  # (R, T) Eq. 2
         alpha, beta = (args.alpha, args.beta) if obj == "cord" else (1.0, 1.0)  # opd, opd+grpo: uniform Eq. 3
-        k = torch.ceil(args.k_frac * m.sum(-1)).long().clamp(min=1) if args.k_frac > 0 else args.k  # K of Eq. 4
+        if args.k_frac > 0:  # departure 8: K of Eq. 4 per sequence
+            k = torch.ceil(args.k_frac * m.sum(-1)).long().clamp(min=1)  # (R,)
+        else:
+            k = args.k
         L_tok, tok_metrics = weighted_token_loss(D, m, k, alpha, beta, args.normalize)  # Eq. 4-7
-        loss, logp = loss + L_tok, logp_on if on == "group" else None
+        loss = loss + L_tok
+        if on == "group":
+            logp = logp_on  # log pi(y_i) at tau = 1, reusable by Eq. 10
         metrics.update(loss_tok=L_tok.item(), **tok_metrics)
     if A is not None:
         y, m = rows["group"]
-        tau = args.grpo_temperature if args.grpo_logp_temperature == "sampling" and args.grpo_temperature > 0 else 1.0
+        use_tau = args.grpo_logp_temperature == "sampling" and args.grpo_temperature > 0
+        tau = args.grpo_temperature if use_tau else 1.0
         if logp is None or tau != 1.0:  # departure 5: log pi at the temperature the rollouts were sampled at
             logp = head_terms(lalm, h["group"], y, m, chunk_size=args.chunk_size, temperature=tau)[1]  # (B*G, T)
-        L_seq, seq_metrics = grpo_loss(logp, logp.detach(), A, m, args.clip_eps, args.group_size, args.grpo_reduction)  # Eq. 10
+        L_seq, seq_metrics = grpo_loss(logp, logp.detach(), A, m, args.clip_eps, args.group_size,
+                                       args.grpo_reduction)  # Eq. 10
         loss = loss + args.lam * L_seq  # L_CORD = L_tok + lambda L_seq
         metrics.update(loss_seq=L_seq.item(), **seq_metrics)
     if obj in ("sft", "fkl"):
         L = baseline_loss(lalm, h["ref"], *rows["ref"], h_t, W_t, obj, args.chunk_size)
-        loss, metrics[f"loss_{obj}"] = loss + L, L.item()
+        loss = loss + L
+        metrics[f"loss_{obj}"] = L.item()
     return loss, metrics
 
 
@@ -547,19 +634,28 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
         x_a = embed_prompts(lalm, prompts["audio_ids"], prompts["features"], prompts["feature_mask"])  # (B, S_a, C)
     with clock("t_rollout"):  # 1.
         ro = rollouts(lalm, x_a.detach(), prompts, args, use_tok, use_seq)
-    metrics, A, h_t, W_t = {"rollout_tokens": ro.tokens} if ro.tokens else {}, None, None, None
+    metrics = {"rollout_tokens": ro.tokens} if ro.tokens else {}
+    A, h_t, W_t = None, None, None  # what the objective does not use stays None
     with clock("t_judge"):  # 2.
         if use_seq:
-            completions, refs = decode(lalm, *ro.group), decode(lalm, *ro.ref) if ro.ref else [None] * B
-            r = rewards_for(judge, completions, [ref for ref in refs for _ in range(G)],
-                            [ex.get("answer") for ex in examples for _ in range(G)], args.reward_ref).to(lalm.device)  # (B*G,) Eq. 8
+            completions = decode(lalm, *ro.group)  # B*G
+            refs = decode(lalm, *ro.ref) if ro.ref else [None] * B  # y_hat per prompt; none with --reward_ref answer
+            refs = [ref for ref in refs for _ in range(G)]  # B*G: each rollout beside its prompt's y_hat
+            answers = [ex.get("answer") for ex in examples for _ in range(G)]  # B*G
+            r = rewards_for(judge, completions, refs, answers, args.reward_ref).to(lalm.device)  # (B*G,) Eq. 8
             A = grpo_advantages(r, G, args.adv_scale)  # (B*G,) Eq. 9
             metrics.update(reward_mean=r.mean().item(), completion_len=ro.group[1].sum(-1).float().mean().item())
     with clock("t_teacher"):  # 3. sg[pi(.|x_t, y_<t)] on the rows of the token loss (fkl: on y_hat)
-        on = (ro.opd or ro.group) if use_tok else ro.ref if obj == "fkl" else None
+        on = None
+        if use_tok:
+            on = ro.opd or ro.group
+        elif obj == "fkl":
+            on = ro.ref
         if on is not None:
-            reps = on[0].shape[0] // B
-            h_t, W_t = teacher.hidden(prompts["text_ids"].repeat_interleave(reps, 0), prompts["text_mask"].repeat_interleave(reps, 0), *on)
+            reps = on[0].shape[0] // B  # rows per prompt
+            text_ids = prompts["text_ids"].repeat_interleave(reps, 0)  # (R, S_t)
+            text_mask = prompts["text_mask"].repeat_interleave(reps, 0)  # (R, S_t)
+            h_t, W_t = teacher.hidden(text_ids, text_mask, *on)  # (R, T, C), (V, C)
     with clock("t_student"):
         loss, loss_metrics = student_loss(lalm, x_a, prompts["audio_mask"], ro, h_t, W_t, A, args)
         loss.backward()
@@ -585,13 +681,17 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
         args.output, args.resume, args.fsdp, lalm.base.get_decoder().layers, B)
     if start == 0:
         torch.manual_seed(args.seed + rank)  # each rank samples its own rollouts
-    evaluate_at = lambda step: evaluation.log_evaluations(lambda rows, base: evaluate(lalm, rows, args, None, base, kl=False),
-                                                         eval_sets, args.output, step, log)  # --eval_data: acc, gap per set
-    log, parts = plumbing.MetricsLog(args.output, start, args.report_to, asdict(args)), (lalm.processor or lalm.tokenizer, lalm.feature_extractor)
+    log = plumbing.MetricsLog(args.output, start, args.report_to, asdict(args))
+    parts = (lalm.processor or lalm.tokenizer, lalm.feature_extractor)  # saved beside the weights
+
+    def evaluate_set(rows, baseline):  # one --eval_data set: acc and gap (eval.jsonl, eval.md), no KL statistics
+        return evaluate(lalm, rows, args, None, baseline, kl=False)
+
     if eval_sets and start == 0:
-        evaluate_at(0)
+        evaluation.log_evaluations(evaluate_set, eval_sets, args.output, 0, log)
     guard = plumbing.NonFiniteGuard(max_in_a_row=3)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.objective, dynamic_ncols=True, disable=rank > 0)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.objective, dynamic_ncols=True,
+               disable=rank > 0)
     for step in bar:
         t0, clock = time.perf_counter(), plumbing.Clock(lalm.device)
         ids = plumbing.batch_at(len(examples), step, B * world, args.seed)[rank * B:(rank + 1) * B]  # this rank's slice
@@ -606,9 +706,10 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
         log.log(m, step + 1)
         bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m.get('kl_mean', 0):.3f}", r=f"{m.get('reward_mean', 0):.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            plumbing.save_checkpoint(lalm.model, opt, step + 1, args.output, parts, asdict(args), args.fsdp, args.save_total_limit)
+            plumbing.save_checkpoint(lalm.model, opt, step + 1, args.output, parts, asdict(args), args.fsdp,
+                                     args.save_total_limit)
         if eval_sets and ((step + 1) % (args.eval_every or args.steps) == 0 or step + 1 == args.steps):
-            evaluate_at(step + 1)
+            evaluation.log_evaluations(evaluate_set, eval_sets, args.output, step + 1, log)
     log.close()
     return plumbing.save_final(lalm.model, args.output, parts, args.fsdp)
 
@@ -618,8 +719,8 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
 
 
 @torch.no_grad()
-def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None, baseline: Optional[dict] = None,
-             kl: bool = True) -> dict:
+def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None,
+             baseline: Optional[dict] = None, kl: bool = True) -> dict:
     """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics (kl=True)."""
     rule = judge_lib.RuleJudge(ground_truth=True)
     lalm.model.eval()
@@ -629,10 +730,13 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
         prompts = build_prompts(lalm, batch, args.instruction, args.system_prompt)
         x_a = embed_prompts(lalm, prompts["audio_ids"], prompts["features"], prompts["feature_mask"])  # (B, S_a, C)
         x_t = embed_prompts(lalm, prompts["text_ids"])  # (B, S_t, C)
-        y_a, m_a = sample(lalm, x_a, prompts["audio_mask"], 1, 0.0, args.max_new_tokens, fast=args.compile_rollout)  # (B, T) greedy
+        y_a, m_a = sample(lalm, x_a, prompts["audio_mask"], 1, 0.0, args.max_new_tokens,
+                          fast=args.compile_rollout)  # (B, T) greedy
         y_t, m_t = sample(lalm, x_t, prompts["text_mask"], 1, 0.0, args.max_new_tokens, fast=args.compile_rollout)
-        D = token_reverse_kl(completion_logits(lalm, x_a, prompts["audio_mask"], y_a, m_a),  # (B, T) Eq. 2 on the audio rollout
-                             completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size) if kl else y_a * 0.0
+        D = y_a * 0.0  # (B, T) without the KL statistics
+        if kl:  # (B, T) Eq. 2 on the audio rollout
+            D = kl_maybe_chunked(completion_logits(lalm, x_a, prompts["audio_mask"], y_a, m_a),
+                                 completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size)
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
             answer = None if ex.get("answer") is None else str(ex["answer"])
             score = (lambda c: bool(rule([c], [answer])[0])) if answer is not None else (lambda c: None)
@@ -642,10 +746,11 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
                 D_pos.setdefault(t, []).append(v)
                 tok_kl.setdefault(tok, []).append(v)
             items.append({"id": ex["id"], "category": ex.get("category"), "answer": answer, "audio_completion": ca,
-                          "text_completion": ct, "audio_correct": score(ca), "text_correct": score(ct) if ex.get("text") else None,
+                          "text_completion": ct, "audio_correct": score(ca),
+                          "text_correct": score(ct) if ex.get("text") else None,
                           "kl_mean": d.mean().item() if len(d) else 0.0})
 
-    def acc(key, category=None):  # % right over the items scored on that side (of that category); None when there are none
+    def acc(key, category=None):  # % right over the items scored on that side (of that category); None if none
         verdicts = [it[key] for it in items if it[key] is not None and category in (None, it["category"])]
         return 100.0 * sum(verdicts) / len(verdicts) if verdicts else None
 
@@ -656,7 +761,8 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
     if scored and baseline and (baseline.get("gap") or 0) > 0:  # no gap to close at the baseline: no reduction
         s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
     if any(it["category"] for it in items):  # e.g. MMAU: sound, music, speech
-        s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in sorted({it["category"] for it in items if it["category"]})}
+        categories = sorted({it["category"] for it in items if it["category"]})
+        s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in categories}
     s.update(kl_statistics(torch.cat(D_all) if D_all else torch.zeros(1), D_pos, tok_kl, lalm.tokenizer))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -666,13 +772,15 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
 
 
 def kl_statistics(D, D_pos: dict, tok_kl: dict, tokenizer) -> dict:
-    """The paper's Fig. 3 analysis of D_t (n tokens,): quantiles, mean by position and the position-KL correlation, top tokens."""
+    """The paper's Fig. 3 analysis of D_t (n tokens,): quantiles, mean by position and the position-KL correlation,
+    the tokens of highest mean KL."""
     pos = np.array([float(t) for t in sorted(D_pos) for _ in D_pos[t]])  # (n tokens,)
     val = np.array([v for t in sorted(D_pos) for v in D_pos[t]])  # (n tokens,)
     s = {f"kl_p{q}": torch.quantile(D, q / 100).item() for q in (50, 80, 95)}
     s["kl_mean"] = D.mean().item()
     s["kl_by_position"] = [float(np.mean(D_pos[t])) for t in sorted(D_pos) if len(D_pos[t]) >= 5]
-    s["kl_position_corr"] = float(np.corrcoef(pos, val)[0, 1]) if len(pos) > 2 and pos.std() > 0 and val.std() > 0 else 0.0
+    varied = len(pos) > 2 and pos.std() > 0 and val.std() > 0  # else the correlation is undefined
+    s["kl_position_corr"] = float(np.corrcoef(pos, val)[0, 1]) if varied else 0.0
     top = sorted(((np.mean(v), t) for t, v in tok_kl.items() if len(v) >= 5), reverse=True)[:15]
     s["top_kl_tokens"] = [[tokenizer.decode([t]), round(float(v), 4)] for v, t in top]
     return s
@@ -683,30 +791,40 @@ def kl_statistics(D, D_pos: dict, tok_kl: dict, tokenizer) -> dict:
 
 
 def parse_args(argv=None) -> Args:
-    """Args from the command line; a bad flag, value or pair of flags stops here, in one line, before any model loads."""
+    """Args from the command line; a bad flag, value or pair of flags stops here, in one line, before a model loads."""
     parser = HfArgumentParser(Args)
-    parser.error = lambda message: parser.exit(2, f"cord.py: error: {message} (python cord.py --help lists the flags)\n")
+    parser.error = lambda message: parser.exit(
+        2, f"cord.py: error: {message} (python cord.py --help lists the flags)\n")
     try:
         (args,) = parser.parse_args_into_dataclasses(argv)
     except ValueError as e:  # flags that no field takes
         parser.error(str(e).replace("Some specified arguments are not used by the HfArgumentParser", "unknown flags"))
-    value = lambda n: getattr(args, n)
-    problems = [(value(n) is not None and value(n) < lo, f"--{n}: {value(n)} is out of range (it must be >= {lo})") for n, lo in MIN_VALUE.items()]
-    problems += [(value(n) <= 0, f"--{n}: {value(n)} is out of range (it must be > 0)") for n in POSITIVE]
-    problems += [(args.objective in ("cord", "grpo", "opd+grpo") and args.group_size < 2, "--group_size: GRPO needs >= 2 rollouts per prompt (Eq. 9)"),
-                 (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
-                 (args.baseline and not Path(args.baseline).is_file(), f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
-                 (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
-                 (args.report_to != "none" and not importlib.util.find_spec(args.report_to), f"--report_to {args.report_to}: pip install {args.report_to}")]
-    if any(bad for bad, _ in problems):
-        parser.error(f"argument {next(message for bad, message in problems if bad)}")
+    problems = [(getattr(args, n) is not None and getattr(args, n) < lo,  # (bad, message) per check, in this order
+                 f"--{n}: {getattr(args, n)} is out of range (it must be >= {lo})") for n, lo in MIN_VALUE.items()]
+    problems += [(getattr(args, n) <= 0, f"--{n}: {getattr(args, n)} is out of range (it must be > 0)")
+                 for n in POSITIVE]
+    problems += [
+        (args.objective in ("cord", "grpo", "opd+grpo") and args.group_size < 2,
+         "--group_size: GRPO needs >= 2 rollouts per prompt (Eq. 9)"),
+        (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
+        (args.baseline and not Path(args.baseline).is_file(),
+         f"--baseline {args.baseline}: no such file (a summary.json of --eval)"),
+        (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+        (args.report_to != "none" and not importlib.util.find_spec(args.report_to),
+         f"--report_to {args.report_to}: pip install {args.report_to}")]
+    bad = [message for is_bad, message in problems if is_bad]
+    if bad:
+        parser.error(f"argument {bad[0]}")
     return replace(args, chunk_size=args.chunk_size or None)  # 0: the reference functions, no chunking
 
 
 def setup(args: Args) -> LALM:
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)  # every rank alike: same init
+    random.seed(args.seed)  # every rank alike: the same initial weights
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = plumbing.init_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # --dtype auto
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, auto)
     return load_lalm(args.model, dtype, device, args.trust_remote_code)
 
 
@@ -720,9 +838,10 @@ def main(argv=None):
         return demo(args)
     if args.data is None:
         raise SystemExit("--data: give a training manifest (JSONL; see README) or use --eval")
-    window = audio_window_seconds(args.model, args.trust_remote_code)  # every check before the model loads; no clip is cut
+    window = audio_window_seconds(args.model, args.trust_remote_code)  # all checks before the model loads; none cuts
     load = lambda path: check_durations(load_manifest(path), window, args.long_audio, path)
-    data, eval_sets = load(args.data), {p: load(p)[: args.eval_limit] for p in (args.eval_data or "").split(",") if p}
+    data = load(args.data)
+    eval_sets = {p: load(p)[: args.eval_limit] for p in (args.eval_data or "").split(",") if p}
     if args.eval:
         plumbing.check_writable(args.output)
         base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
@@ -733,10 +852,14 @@ def main(argv=None):
         return s
     if any(not ex.get("text") for ex in data):  # no transcript, no teacher: nothing to distil
         print(f"{args.data}: skipping {sum(not ex.get('text') for ex in data)} audio-only rows (no 'text') in training")
-        data = [ex for ex in data if ex.get("text")] or sys.exit(f"{args.data}: no row has a 'text' (a transcript) to train on")
+        data = [ex for ex in data if ex.get("text")]
+        if not data:
+            raise SystemExit(f"{args.data}: no row has a 'text' (a transcript) to train on")
     plumbing.prepare_output(args.output, args.resume, args.overwrite)
     final = train(setup(args), data, args, eval_sets)
-    print(f"saved {final}" + (f"\n\n{(Path(args.output) / 'eval.md').read_text()}" if eval_sets else ""))
+    print(f"saved {final}")
+    if eval_sets:
+        print(f"\n{(Path(args.output) / 'eval.md').read_text()}")
     return final
 
 

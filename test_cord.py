@@ -130,7 +130,7 @@ def slow_cord_loss(s, t, mask, k, alpha, beta, normalize):
 @pytest.mark.parametrize("k,alpha,beta", [(2, 2.0, 2.0), (20, 2.0, 2.0), (1, 2.5, 1.0), (3, 1.0, 1.0)])
 def test_cord_token_loss_vs_slow_loop(normalize, k, alpha, beta):
     s, t, mask = rand_case(B=3, T=7, V=13, seed=4)
-    loss, m = cord_token_loss(s, t, mask, k, alpha, beta, normalize, chunk_size=3)
+    loss, m = cord_token_loss(s, t, mask, k, alpha, beta, normalize)
     assert loss.item() == pytest.approx(slow_cord_loss(s, t, mask, k, alpha, beta, normalize), rel=1e-5)
     assert {"kl_mean", "kl_p50", "kl_p80", "kl_p95", "kl_top_share"} <= set(m)
 
@@ -893,14 +893,14 @@ def slow_logp(logits, y):  # log softmax(logits)[y] for one position, plain Pyth
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_size):
-    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths (reference / cordkit/chunked.py);
-    padding holds huge logits but D and the forward KL are exactly 0 there."""
+    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths of training (chunk_size None: the
+    reference functions; 3: cordkit/chunked.py); padding holds huge logits but D and the forward KL are exactly 0 there."""
     s, t, mask = rand_case(B=3, T=5, V=7, seed=11)
     s[~mask], t[~mask] = 1e4 * s[~mask], -1e4 * t[~mask]
     y = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
-    D = cord.token_reverse_kl(s, t, mask, chunk_size)
-    Fw = token_forward_kl(s, t, mask, chunk_size)
-    lp = cord.token_logprobs(s, y, chunk_size)
+    D = cord.kl_maybe_chunked(s, t, mask, chunk_size)
+    Fw = cord.kl_maybe_chunked(s, t, mask, chunk_size, reverse=False)
+    lp = cord.logprobs_maybe_chunked(s, y, chunk_size)
     for b in range(3):
         for i in range(5):
             real = bool(mask[b, i])
@@ -910,7 +910,8 @@ def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_
                 assert lp[b, i].item() == pytest.approx(slow_logp(s[b, i], int(y[b, i])), abs=1e-5)
     # the teacher is stop-gradient in both directions: only the student's logits get a gradient
     s_, t_ = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
-    (cord.token_reverse_kl(s_, t_, mask, chunk_size).sum() + token_forward_kl(s_, t_, mask, chunk_size).sum()).backward()
+    D_, Fw_ = cord.kl_maybe_chunked(s_, t_, mask, chunk_size), cord.kl_maybe_chunked(s_, t_, mask, chunk_size, False)
+    (D_.sum() + Fw_.sum()).backward()
     assert t_.grad is None or t_.grad.abs().max() == 0
     assert s_.grad[mask].abs().max() > 0
 

@@ -81,7 +81,7 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
     else:
         chunk = None if variant.endswith("naive") else 32
         s, t = (leaf, t) if variant.startswith("logits") else (leaf @ W.T, h_t @ W.T)
-        D, logp = cord.token_reverse_kl(s, t, mask, chunk), cord.token_logprobs(s, y, chunk)
+        D, logp = cord.kl_maybe_chunked(s, t, mask, chunk), cord.logprobs_maybe_chunked(s, y, chunk)
     loss = cord.weighted_token_loss(D, mask)[0] + (logp * mask).sum() / mask.sum()
     loss.backward()
     if dev.type == "cuda":
