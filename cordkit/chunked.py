@@ -47,14 +47,16 @@ class _ChunkedKL(torch.autograd.Function):
         s, t, D = ctx.saved_tensors
         gs = torch.empty_like(s)
         for i in range(0, s.shape[0], ctx.chunk):
-            ls, lt = F.log_softmax(s[i:i + ctx.chunk].to(D.dtype), -1), F.log_softmax(t[i:i + ctx.chunk].to(D.dtype), -1)
+            ls = F.log_softmax(s[i:i + ctx.chunk].to(D.dtype), -1)  # (chunk, V)
+            lt = F.log_softmax(t[i:i + ctx.chunk].to(D.dtype), -1)  # (chunk, V)
             g = ls.exp() * (ls - lt - D[i:i + ctx.chunk, None]) if ctx.reverse else ls.exp() - lt.exp()
             gs[i:i + ctx.chunk] = g * gD[i:i + ctx.chunk, None]
         return gs, None, None, None
 
 
 def chunked_kl(student_logits, teacher_logits, chunk: int, reverse: bool = True):  # (..., V) -> (...)
-    """KL(p_s || p_t) (reverse=True, Eq. 2) or KL(p_t || p_s) per position of (..., V) logits; no gradient to the teacher."""
+    """KL(p_s || p_t) (reverse=True, Eq. 2) or KL(p_t || p_s) per position of (..., V) logits; no gradient to the
+    teacher."""
     V = student_logits.shape[-1]
     D = _ChunkedKL.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), chunk, reverse)  # (R,)
     return D.view(student_logits.shape[:-1])
@@ -78,7 +80,8 @@ class _ChunkedLogProb(torch.autograd.Function):
         gs = torch.empty_like(s)
         for i in range(0, s.shape[0], ctx.chunk):
             p = torch.softmax(s[i:i + ctx.chunk].to(g.dtype), -1)  # (chunk, V)
-            gs[i:i + ctx.chunk] = (-p).scatter_add_(-1, y[i:i + ctx.chunk, None], torch.ones_like(p[:, :1])) * g[i:i + ctx.chunk, None]
+            onehot_minus_p = (-p).scatter_add_(-1, y[i:i + ctx.chunk, None], torch.ones_like(p[:, :1]))  # (chunk, V)
+            gs[i:i + ctx.chunk] = onehot_minus_p * g[i:i + ctx.chunk, None]
         return gs, None, None
 
 
@@ -139,7 +142,8 @@ def fused_kl_and_logprobs(student_hidden, teacher_hidden, weight, y, mask, chunk
     B, T, C = student_hidden.shape
     h_t = None if teacher_hidden is None else teacher_hidden.detach().reshape(B * T, C)  # (R, C)
     W_t = (weight if teacher_weight is None else teacher_weight).detach()
-    D, logp = _FusedHead.apply(student_hidden.reshape(B * T, C), h_t, weight, W_t, y.reshape(B * T), chunk_size)  # (R,), (R,)
+    h_s = student_hidden.reshape(B * T, C)  # (R, C)
+    D, logp = _FusedHead.apply(h_s, h_t, weight, W_t, y.reshape(B * T), chunk_size)  # (R,), (R,)
     return D.view(B, T) * mask, logp.view(B, T)
 
 
@@ -213,13 +217,15 @@ def _capture(step):  # -> replay of step() as one CUDA graph (step has run on th
         with torch.cuda.graph(g):
             step()
     except RuntimeError as e:  # an op in the model's forward that syncs with the host cannot be captured
-        raise RuntimeError(f"capturing the decode step as a CUDA graph failed (--compile_rollout off runs eager): {e}") from e
+        hint = "--compile_rollout off runs eager"
+        raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({hint}): {e}") from e
     return g.replay
 
 
 @torch.no_grad()
 def static_supported(decoder) -> bool:
-    """Whether static_sample can run this decoder: full attention in every layer, sdpa or eager kernels (no flash-attention)."""
+    """Whether static_sample can run this decoder: full attention in every layer, sdpa or eager kernels (no
+    flash-attention)."""
     cfg = decoder.config
     return set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"} and \
         getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager")
@@ -243,7 +249,8 @@ def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature
     - decoders with sliding-window layers or flash-attention are refused (run eager).
     """
     if not static_supported(decoder):
-        raise ValueError("static_sample needs full attention with sdpa/eager kernels: use --compile_rollout off (or auto)")
+        raise ValueError("static_sample needs full attention with sdpa/eager kernels: "
+                         "use --compile_rollout off (or auto)")
     B, S, _ = prompt_embeds.shape
     pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): cord._positions
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)

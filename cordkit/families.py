@@ -68,7 +68,8 @@ MASK_NAMES = ("feature_attention_mask", "input_features_mask")  # what families 
 def whisper_features(feature_extractor, audio: list):  # -> features (B, M, F), feature_mask (B, F)
     """Whisper-style log-mel features padded to the extractor's window, with the mask of each clip's own frames."""
     fe = feature_extractor
-    feats = fe(audio, sampling_rate=fe.sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    feats = fe(audio, sampling_rate=fe.sampling_rate, return_attention_mask=True, padding="max_length",
+               return_tensors="pt")
     return feats["input_features"], feats["attention_mask"]
 
 
@@ -96,14 +97,14 @@ def model_audio_features(model, features, feature_mask):  # -> (audio tokens in 
 
 def encoder_output_lengths(model, feature_mask):  # -> (B,) audio tokens per clip
     """The encoder's own _get_feat_extract_output_lengths (a function of its module as in Qwen3-Omni / Qwen3-ASR, some
-    taking n_window, else a method of the audio tower) applied to each clip's feature frames; its last output. The module
-    function comes first: 4.57's Qwen3-Omni tower keeps a stale method copied from Qwen2.5-Omni."""
+    taking n_window, else a method of the audio tower) applied to each clip's feature frames; its last output. The
+    module function comes first: 4.57's Qwen3-Omni tower keeps a stale method copied from Qwen2.5-Omni."""
     tower = part(model, "audio_tower")
     fn = getattr(sys.modules[type(tower).__module__], "_get_feat_extract_output_lengths", None) or getattr(
         tower, "_get_feat_extract_output_lengths", None)
     if fn is None:
-        raise SystemExit(f"{type(model).__name__}: its audio tower has no _get_feat_extract_output_lengths; give its family "
-                         "a token_counts function in families.py")
+        raise SystemExit(f"{type(model).__name__}: its audio tower has no _get_feat_extract_output_lengths; "
+                         "give its family a token_counts function in families.py")
     kw = {"n_window": tower.config.n_window} if "n_window" in inspect.signature(fn).parameters else {}
     n = fn(feature_mask.sum(-1), **kw)
     return n[-1] if isinstance(n, tuple) else n
@@ -139,7 +140,8 @@ def voxtral_token_counts(model, feature_mask):  # -> (B,)
 
 
 def glmasr_token_counts(model, feature_mask):  # -> (B,)
-    """GLM-ASR: two convolutions (strides 1 and 2) then 4 encoder frames merged into one token (its get_audio_features)."""
+    """GLM-ASR: two convolutions (strides 1 and 2) then 4 encoder frames merged into one token (its
+    get_audio_features)."""
     n = feature_mask.sum(-1)
     for padding, kernel, stride in ((1, 3, 1), (1, 3, 2)):
         n = (n + 2 * padding - kernel) // stride + 1
@@ -171,7 +173,8 @@ def step_audio_2_mels(feature_extractor, audio: list):  # -> features (B, M, F),
     from transformers.audio_utils import mel_filter_bank
 
     n_mels = feature_extractor.feature_size
-    filters = torch.from_numpy(mel_filter_bank(201, n_mels, 0.0, 8000.0, 16000, norm="slaney", mel_scale="slaney")).float().T
+    bank = mel_filter_bank(201, n_mels, 0.0, 8000.0, 16000, norm="slaney", mel_scale="slaney")
+    filters = torch.from_numpy(bank).float().T
     mels = []
     for a in audio:
         x = torch.nn.functional.pad(torch.as_tensor(a, dtype=torch.float32), (0, 479))
@@ -185,7 +188,8 @@ def step_audio_2_mels(feature_extractor, audio: list):  # -> features (B, M, F),
 
 
 def step_audio_2_token_counts(model, feature_mask):  # -> (B,)
-    """Step-Audio-2: (frames - 2) -> conv stride 2 and avg-pool 2 -> the adapter's conv (padding 1, its kernel and stride)."""
+    """Step-Audio-2: (frames - 2) -> conv stride 2 and avg-pool 2 -> the adapter's conv (padding 1, its kernel and
+    stride)."""
     cfg = model.config.audio_encoder_config
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
     n = (feature_mask.sum(-1) - 2 + 1) // 2 // 2
@@ -193,7 +197,8 @@ def step_audio_2_token_counts(model, feature_mask):  # -> (B,)
 
 
 def step_audio_2_features(model, features, feature_mask):  # -> (audio tokens in the batch, C)
-    """Step-Audio-2: encoder(wavs, wav_lens) -> adapter, the first token_counts outputs of each clip (as its forward())."""
+    """Step-Audio-2: encoder(wavs, wav_lens) -> adapter, the first token_counts outputs of each clip (as its
+    forward())."""
     h, _ = model.encoder(features, feature_mask.sum(-1) - 2)  # (B, F', C_audio)
     h = model.adapter(h)  # (B, F'', C)
     n = step_audio_2_token_counts(model, feature_mask)  # (B,)
@@ -341,8 +346,10 @@ def load_lalm(path: str, dtype=torch.float32, device="cpu", trust_remote_code=Fa
     if family.placeholder is not None:
         audio_token_id = tokenizer.convert_tokens_to_ids(family.placeholder)
     if audio_token_id is None or audio_token_id == tokenizer.unk_token_id:
-        raise SystemExit(f"--model {path}: no audio placeholder token (config audio_token_id / its family's placeholder)")
-    added = getattr(tokenizer, "added_tokens_decoder", {})  # special tokens only: Qwen's BPE also has the text '<AudioSource'
+        raise SystemExit(f"--model {path}: no audio placeholder token "
+                         "(config audio_token_id / its family's placeholder)")
+    # special tokens only: Qwen's BPE also has the text '<AudioSource'
+    added = getattr(tokenizer, "added_tokens_decoder", {})
     suppress = {audio_token_id} | {i for i, t in added.items() if "audio" in str(t).lower()}
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
@@ -362,12 +369,14 @@ def configure_trainable(lalm: LALM, train: str = "all", lora_r: int = 16) -> lis
         parts = lalm.family.audio_parts if lalm.family else AUDIO_PARTS
         for name, p in lalm.model.named_parameters():
             is_audio = any(k in name for k in parts)
-            p.requires_grad_({"all": "visual" not in name, "llm": not is_audio and "visual" not in name, "audio": is_audio}[train])
+            trains = {"all": "visual" not in name, "llm": not is_audio and "visual" not in name, "audio": is_audio}
+            p.requires_grad_(trains[train])
     return [p for p in lalm.model.parameters() if p.requires_grad]
 
 
 def audio_window_seconds(path: str, trust_remote_code: bool = False):
-    """The longest clip the model's feature extractor keeps (Whisper: 30 s; longer audio is cut), or its family's, or None."""
+    """The longest clip the model's feature extractor keeps (Whisper: 30 s; longer audio is cut), or its family's, or
+    None."""
     family = AUDIO_FAMILIES.get(_model_type(path))
     try:
         fe = AutoFeatureExtractor.from_pretrained(path, trust_remote_code=trust_remote_code)
