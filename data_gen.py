@@ -45,6 +45,7 @@ import numpy as np
 import soundfile as sf
 
 from cordkit.manifest import SR, read_jsonl, read_manifest, to_16k, wav_duration
+from cordkit.runlock import FolderLock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,6 +874,26 @@ def check_clip(audio: np.ndarray, sr: int, max_seconds: float = float("inf")) ->
     return np.clip(y, -1.0, 32767 / 32768)
 
 
+def made_from(ex: dict, voice: str, aug, seed: int) -> str:
+    """A short hash of what a voiced clip is made from (text, voice, augmentation, seed), written in its row
+    ("made_from"). A rerun re-voices a clip whose hash changed, so a row's audio always says its text. Clips
+    converted from a benchmark's own audio have none (their old row's text is compared instead)."""
+    import hashlib
+
+    what = {"text": ex.get("text"), "voice": voice, "augment": aug, "seed": seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _still_valid(row: dict | None, ex: dict, voice: str, key: str) -> bool:
+    """Whether a kept WAV was made from these inputs: its old row's hash (rows from before "made_from": the same text
+    and voice); a WAV with no row (a run killed before its manifest) is trusted: WAVs are written atomically."""
+    if row is None:
+        return True
+    if "made_from" in row:
+        return row["made_from"] == key
+    return row.get("text") == ex.get("text") and row.get("voice") == voice
+
+
 def _voice_one(task):
     """Worker: synthesize (or load `audio_src`), resample, check, augment, write WAV atomically. Never raises."""
     ex, voice, wav, seed, max_seconds, aug = task
@@ -896,15 +917,18 @@ def _voice_one(task):
 
 
 def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed: int = 0, max_seconds: float = 30.0,
-                   augment: str | None = None) -> Path:
+                   augment: str | None = None, overwrite: bool = False) -> Path:
     """Voice every example into out_dir/wavs/<id>.wav (16 kHz, 16-bit) and write out_dir/manifest.jsonl.
 
     augment: "name=lo-hi,...[,p=P]" (parse_augment; speed, vtlp, rt60, snr), values drawn per clip from the seed and
     id and written in the row ("augment": {"speed": 1.04, ...}).
 
     Clips longer than max_seconds (default: the 30 s window of Whisper-based encoders) are dropped and
-    counted ("over_max_seconds"). Resumable: existing valid WAVs are kept (their voice read back from the
-    old manifest) and the manifest is rebuilt from what exists, also on Ctrl-C. Returns the manifest path.
+    counted ("over_max_seconds"). Resumable: an existing valid WAV is kept when it was made from the same
+    inputs (its row's "made_from" hash: text, voice, augmentation, seed; see made_from), else re-voiced, with a
+    count; the manifest is rebuilt from what exists, also on Ctrl-C. A manifest of another data set (none of
+    its rows' sources among these examples') in out_dir is refused (ValueError) unless overwrite, which also
+    re-voices every clip. Returns the manifest path. (data_gen.py's command also locks --out: one writer.)
     """
     from tqdm import tqdm
     out, t0, cpu0 = Path(out_dir), time.time(), time.process_time()
@@ -923,20 +947,29 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
             old = {r["id"]: r for r in read_manifest(manifest, check_files=False)}
         except ValueError as e:
             print(f"ignoring unreadable old manifest: {e}", file=sys.stderr)
-    done, todo, fails, spec = {}, [], Counter(), parse_augment(augment)
+    old_sources, new_sources = {r.get("source", "") for r in old.values()}, {ex.get("source", "") for ex in examples}
+    if old and not overwrite and not old_sources & new_sources:
+        raise ValueError(f"{manifest} holds another data set (source {', '.join(sorted(old_sources))[:80]}); choose "
+                         "another --out, or add --overwrite to replace it")
+    old = {} if overwrite else old
+    done, todo, fails, spec, stale = {}, [], Counter(), parse_augment(augment), 0
     aug_of = {ex["id"]: draw_augment(spec, f"{seed}:{ex['id']}") for ex in examples} if spec else {}
     for ex in examples:
-        wav = out / "wavs" / f"{ex['id']}.wav"
-        dur = wav_duration(wav)
+        wav, row = out / "wavs" / f"{ex['id']}.wav", old.get(ex["id"])
+        dur = None if overwrite else wav_duration(wav)
         dur = dur if dur and dur <= max_seconds else None
-        if dur:                                               # a kept WAV keeps the augmentation it was made with
-            aug_of[ex["id"]] = old.get(ex["id"], {}).get("augment")
-        voice = old.get(ex["id"], {}).get("voice") if dur else None
-        voice = voice or ("source" if ex.get("audio_src") else pick_voice(ex["id"], voices, seed))
+        voice = "source" if ex.get("audio_src") else pick_voice(ex["id"], voices, seed)
+        if dur and row and "made_from" not in row:            # a row from before "made_from": its augmentation stays
+            aug_of[ex["id"]] = row.get("augment")
+        if dur and not _still_valid(row, ex, voice, made_from(ex, voice, aug_of.get(ex["id"]), seed)):
+            dur, stale = None, stale + 1                       # made from other inputs: the audio no longer matches
         if dur:
             done[ex["id"]] = (voice, dur)
         else:
             todo.append((ex, voice, str(wav), seed, max_seconds, aug_of.get(ex["id"])))
+    if stale:
+        print(f"{manifest}: re-voicing {stale} clips whose text, voice, augmentation or seed changed since they were "
+              "made")
     skipped, voice_of, attempted = len(done), {t[0]["id"]: t[1] for t in todo}, 0
     for v in sorted({voice for ex, voice, *_ in todo if not ex.get("audio_src")}):
         synthesize("Check.", v)             # fail fast with the install hint, not once per item in the workers
@@ -970,7 +1003,9 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
                            **{k: ex[k] for k in ("text", "prompt", "choices", "answer", "category", "written")
                               if ex.get(k) is not None},
                            "voice": voice, **({"augment": aug_of[ex["id"]]} if aug_of.get(ex["id"]) else {}),
-                           "duration": round(dur, 3), "source": ex.get("source", "")}
+                           "duration": round(dur, 3), "source": ex.get("source", ""),
+                           **({} if ex.get("audio_src") else
+                              {"made_from": made_from(ex, voice, aug_of.get(ex["id"]), seed)})}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, manifest)
         wall = time.time() - t0
@@ -1001,7 +1036,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=None, help="number of problems (default: all; builtin: 1000)")
     p.add_argument("--levels", default="add,sub,mul,two_step", help=f"builtin levels, comma-separated: {','.join(LEVELS)}")
     p.add_argument("--tts", default="hibari", help="comma-separated voices backend[:voice[:speed]], chosen per example by seed")
-    p.add_argument("--out", required=True, help="output folder: manifest.jsonl and wavs/")
+    p.add_argument("--out", required=True, help="output folder: manifest.jsonl and wavs/ (one data_gen.py at a time)")
+    p.add_argument("--overwrite", action="store_true", help="replace a manifest of another data set in --out (and "
+                   "re-voice every clip)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--seed", type=int, default=0, help="seed for the built-in problems and the voice choice")
     p.add_argument("--mcq", action="store_true", help="--source is a multiple-choice JSONL whose options are spoken (see load_mcq)")
@@ -1023,6 +1060,7 @@ def main(argv=None):
             parse_voice(voice)
         except ValueError as e:
             p.error(f"argument --tts: {e}")
+    lock = FolderLock(a.out, "data_gen.py", "--out").acquire()  # one writer per --out; a second one is refused
     try:
         dropped = Counter()
         if a.input is None and a.source in ("gsm8k", "mmau"):
@@ -1043,11 +1081,13 @@ def main(argv=None):
             print(f"kept {len(examples)} problems; dropped {sum(dropped.values())}: {dict(dropped)}")
         distributed = a.source.startswith("voicebench:") or a.source == "mmau"  # the benchmark's own audio: every item kept
         max_seconds = a.max_seconds if a.max_seconds is not None else float("inf") if distributed else 30.0
-        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, max_seconds, a.augment)
+        write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, max_seconds, a.augment, a.overwrite)
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the clips voiced so far are kept in the manifest; rerun the same command to continue")
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,17 @@ SR = 16000  # the audio encoders (Whisper-style) read 16 kHz mono
 
 
 def read_jsonl(path):
-    """Yield (line number, dict) from a JSONL file; a bad line raises `path:line: problem; what to do`."""
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
+    """Yield (line number, dict) from a JSONL file; a bad line raises `path:line: problem; what to do`.
+
+    UTF-8 (a leading byte-order mark is allowed); a line in another encoding (latin-1, UTF-16) is such a line.
+    """
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff" if no == 1 else "")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -70,19 +78,31 @@ def wav_duration(path):
         return None
 
 
-def read_manifest(path, check_files: bool = True) -> list[dict]:
-    """Rows of a manifest.jsonl, validated; a bad line raises ValueError('path:line: problem; what to do')."""
+def read_manifest(path, check_files: bool = True, lines: list | None = None) -> list[dict]:
+    """Rows of a manifest.jsonl, validated; a bad line raises ValueError('path:line: problem; what to do').
+
+    lines: a list that receives each row's line number.
+    """
     rows, seen, root = [], set(), Path(path).parent
     for no, row in read_jsonl(path):
         where = f"{path}:{no}:"
-        for k in ("id", "audio", "text", "prompt"):  # text (what the audio says) and prompt (shown as text) are optional
+        for k in ("id", "audio", "text", "prompt"):  # text (what the audio says), prompt (shown as text): optional
             if (k in ("id", "audio") or k in row) and (not isinstance(row.get(k), str) or not row[k].strip()):
-                raise ValueError(f"{where} field {k!r} missing or not a non-empty string; every line needs id and audio, "
-                                 "and text / prompt, when present, are non-empty strings")
+                raise ValueError(f"{where} field {k!r} missing or not a non-empty string; every line needs id and "
+                                 "audio, and text / prompt, when present, are non-empty strings")
         if "answer" in row and not isinstance(row["answer"], str):
             raise ValueError(f"{where} 'answer' must be a string (write \"73\", not 73)")
-        if "choices" in row and not (isinstance(row["choices"], list) and all(isinstance(c, str) for c in row["choices"])):
+        choices = row.get("choices")
+        if "choices" in row and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
             raise ValueError(f"{where} 'choices' must be a list of strings")
+        options = row.get("options")
+        if "options" in row and not (isinstance(options, list) and all(isinstance(o, str) for o in options)
+                                     and len(options) == len(row.get("choices") or [])):
+            raise ValueError(f"{where} 'options' must be a list of strings, one per choice (the option texts in the "
+                             "order of 'choices')")
+        if "instruction" in row and not isinstance(row["instruction"], str):
+            raise ValueError(f"{where} 'instruction' must be a string (it replaces --instruction for this row; \"\" "
+                             "sends none)")
         if "category" in row and (not isinstance(row["category"], str) or not row["category"].strip()):
             raise ValueError(f"{where} 'category' must be a non-empty string (e.g. sound, music, speech)")
         if row["id"] in seen:
@@ -92,6 +112,8 @@ def read_manifest(path, check_files: bool = True) -> list[dict]:
                              "rerun data_gen.py with the same arguments to regenerate it")
         seen.add(row["id"])
         rows.append(row)
+        if lines is not None:
+            lines.append(no)
     return rows
 
 
@@ -102,33 +124,53 @@ def load_manifest(path) -> list[dict]:
     """
     if not Path(path).is_file():
         raise SystemExit(f"{path}: no such manifest; make one with data_gen.py (README)")
+    lines = []
     try:
-        rows = read_manifest(path)
+        rows = read_manifest(path, lines=lines)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the manifest ({e.strerror})") from None
     if not rows:
         raise SystemExit(f"{path}: the manifest is empty")
-    return [dict(ex, audio_path=Path(path).parent / ex["audio"]) for ex in rows]
+    return [dict(ex, audio_path=Path(path).parent / ex["audio"], line=no) for ex, no in zip(rows, lines)]
+
+
+def clip_seconds(row: dict, where: str = "the manifest") -> float:
+    """Seconds of a row's audio from its header (fast); unreadable or empty audio of any kind (0 bytes, a cut header,
+    not audio, a folder) stops the program with one line naming the manifest line and the file."""
+    at = f"{where}:{row['line']}" if "line" in row else where
+    try:
+        info = sf.info(str(row["audio_path"]))
+    except Exception as e:  # soundfile raises several types (LibsndfileError, RuntimeError, IsADirectoryError)
+        why = "a folder" if Path(row["audio_path"]).is_dir() else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SystemExit(f"{at}: audio {row['audio_path']} is not readable audio ({why}); regenerate it "
+                         "(data_gen.py reruns what is missing or bad) or remove its line") from None
+    if info.frames == 0:
+        raise SystemExit(f"{at}: audio {row['audio_path']} is empty (0 samples); regenerate it or remove its line")
+    return info.duration
 
 
 def check_durations(rows: list[dict], max_seconds, mode: str = "refuse", where: str = "the manifest") -> list[dict]:
     """No clip is silently cut: rows whose audio (read from the WAV header) is longer than max_seconds (the
     model's audio window) stop the program with their count and the first offenders (mode "refuse"), are left
     out with a count ("drop"), or kept with a count: the encoder hears their first max_seconds ("cut", as
-    VoiceBench's own harness does). max_seconds None: no limit."""
+    VoiceBench's own harness does). max_seconds None: no limit. Every clip's header is read either way: an
+    unreadable or empty one stops the program here, before any model loads (clip_seconds)."""
+    seconds = [clip_seconds(r, where) for r in rows]
     if max_seconds is None:
         return rows
-    seconds = [sf.info(str(r["audio_path"])).duration for r in rows]
     long = [(r["id"], d) for r, d in zip(rows, seconds) if d > max_seconds + 1e-3]
     if long and mode == "refuse":
         first = ", ".join(f"{i} ({d:.1f} s)" for i, d in long[:3])
-        raise SystemExit(f"{where}: {len(long)} of {len(rows)} clips are longer than the model's {max_seconds:g} s audio "
-                         f"window (first: {first}); the encoder would cut them while the teacher reads the whole "
-                         "transcript. Use --long_audio drop (leave them out) or cut (keep their first part), or regenerate "
-                         "(data_gen.py --max-seconds)")
+        raise SystemExit(f"{where}: {len(long)} of {len(rows)} clips are longer than the model's {max_seconds:g} s "
+                         f"audio window (first: {first}); the encoder would cut them while the teacher reads the whole "
+                         "transcript. Use --long_audio drop (leave them out) or cut (keep their first part), or "
+                         "regenerate (data_gen.py --max-seconds)")
     if long:
         print(f"{where}: {len(long)} of {len(rows)} clips are longer than {max_seconds:g} s: "
-              + ("dropped (--long_audio drop)" if mode == "drop" else f"the encoder hears their first {max_seconds:g} s (--long_audio cut)"))
+              + ("dropped (--long_audio drop)" if mode == "drop"
+                 else f"the encoder hears their first {max_seconds:g} s (--long_audio cut)"))
     return [r for r, d in zip(rows, seconds) if mode == "cut" or d <= max_seconds + 1e-3]
 
 

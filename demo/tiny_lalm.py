@@ -799,6 +799,9 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         # The model in the repository was built with exactly these settings: load it, and voice only the data the
         # demo reads (the eval set, dev, and the first demo_train training questions), unless all of it is there.
         cache, stats = Path(shipped), shipped_stats
+        from cordkit.plumbing import check_weights_file
+
+        check_weights_file(cache / "model.safetensors")  # a damaged copy stops here, in one line, before any voicing
         subset = dict(data_settings, n_train=min(demo_train, len(chain_problems(seed)) - n_eval - n_dev), n_engine_eval=0)
         if not (data_json.exists() and json.loads(data_json.read_text()) in (data_settings, subset) and eval_m.exists()):
             make_data(data, subset["n_train"], n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers,
