@@ -35,7 +35,7 @@ kokoro (pip install kokoro, weights already in the Hugging Face cache; never dow
     python data_gen.py --n 1000 --tts hibari,espeak:en-us+f3 --augment speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,p=0.5 --out data/aug
 A rerun skips every WAV that exists and is valid, so an interrupted run loses nothing.
 """
-import argparse, json, math, os, random, re, resource, subprocess, sys, time, zlib
+import argparse, json, math, os, random, re, resource, shutil, subprocess, sys, time, zlib
 from collections import Counter
 from io import BytesIO
 from pathlib import Path
@@ -361,6 +361,64 @@ def load_problems(source, n=None, max_words: int = 120, split: str = "train"):
     return filter_problems((_record(row, f"{stem}-{i:06d}", label) for i, row in rows), max_words, n=n)
 
 
+GSM8K_SPEEDS = (1.25, 1.5, 2.0)  # a problem voiced longer than the encoder's window is voiced again this much faster
+
+
+def load_gsm8k(path, n=None, out_dir=None) -> list[dict]:
+    """GSM8K's test.jsonl as distributed ({question, answer: '... #### N'}): every problem spoken (no length limit:
+    a long one is voiced faster, see fit_to_window), id test-000001.., source gsm8k:<file>; a problem that cannot
+    be spoken is printed with its reason. No instruction is written: --instruction applies. A fitted speed kept in
+    out_dir's manifest from an earlier run is reused."""
+    records = [_record(row, f"{Path(path).stem}-{no:06d}", f"gsm8k:{Path(path).name}") for no, row in read_jsonl(path)]
+    records = records[:n]
+    kept, _ = filter_problems(records, max_words=10**9)
+    ids = {ex["id"] for ex in kept}
+    for rec in records:
+        if rec["id"] not in ids:
+            print(f"not kept: {rec['id']} ({', '.join(filter_problems([rec], max_words=10**9)[1])})")
+    old = Path(out_dir or ".") / "manifest.jsonl"
+    fitted = {r["id"]: r for r in read_manifest(old, check_files=False) if "fit_speed" in r} if old.is_file() else {}
+    for ex in kept:
+        if ex["id"] in fitted:
+            ex.update(voice=fitted[ex["id"]]["voice"], fit_speed=fitted[ex["id"]]["fit_speed"])
+    return kept
+
+
+def faster_voice(voice: str, factor: float) -> str:
+    """The voice `factor` times faster: "piper:joe:1.1" -> "piper:joe:1.375" (espeak: words per minute).
+
+    >>> faster_voice("piper", 1.25), faster_voice("espeak:en-us+f3:160", 1.5)
+    ('piper::1.25', 'espeak:en-us+f3:240')
+    """
+    backend, name, speed = parse_voice(voice)
+    return f"{backend}:{name}:{speed * factor:g}"
+
+
+def fit_to_window(examples, out_dir, voices, workers, seed, max_seconds, augment=None):
+    """Voice again, faster (GSM8K_SPEEDS), each example that write_manifest left out (a clip longer than
+    max_seconds), so that every problem is kept; the row's voice names the speed and fit_speed the factor.
+    Prints what was fitted and, by id, anything still left out."""
+    manifest, fitted = Path(out_dir) / "manifest.jsonl", Counter()
+    for factor in GSM8K_SPEEDS:
+        have = {r["id"] for r in read_manifest(manifest, check_files=False)}
+        missing = [ex for ex in examples if ex["id"] not in have]
+        if not missing:
+            break
+        for ex in missing:
+            base = pick_voice(ex["id"], voices, seed)
+            ex.update(voice=faster_voice(base, factor), fit_speed=factor)
+        write_manifest(examples, out_dir, voices, workers, seed, max_seconds, augment)
+        fitted[factor] = len(missing)
+    have = {r["id"]: r for r in read_manifest(manifest, check_files=False)}
+    speeds = Counter(r["fit_speed"] for r in have.values() if "fit_speed" in r)
+    sped = ", ".join(f"x{k:g}: {v}" for k, v in sorted(speeds.items()))
+    print(f"{manifest}: {len(have)} of {len(examples)} problems"
+          + (f"; voiced faster to fit {max_seconds:g} s: {sped}" if speeds else ""))
+    for ex in examples:
+        if ex["id"] not in have:
+            print(f"left out: {ex['id']} (no clip under {max_seconds:g} s even at x{GSM8K_SPEEDS[-1]:g})")
+
+
 def load_mcq(path):
     """Spoken multiple choice from a local JSONL, one object per line: question or prompt; choices (list) or
     options (list/dict) or option_a..; answer or reference (a letter); audio (optional path, relative to the
@@ -381,7 +439,8 @@ def load_mcq(path):
         text = q if re.search(r"\bA[.)]", q) else q + " " + " ".join(f"{L}. {o}." for L, o in zip(letters, opts))
         text = text if row.get("audio") else spoken_form(text)          # TTS will speak it: say it in words
         ex = {"id": re.sub(r"[^A-Za-z0-9._-]", "_", str(row.get("id") or f"{Path(path).stem}-{no:06d}")),
-              "text": text, "choices": letters, "answer": ans, "source": f"mcq:{Path(path).name}"}
+              "text": text, "choices": letters, "options": [str(o).strip() for o in opts], "answer": ans,
+              "source": f"mcq:{Path(path).name}"}
         if row.get("audio"):
             ex["audio_src"] = str(root / row["audio"])
         out.append(ex)
@@ -410,6 +469,28 @@ def spoken_letters(prompt: str) -> list[str]:
         if n < len(LETTERS) and m.group(1) == LETTERS[n]:
             n += 1
     return list(LETTERS[:max(n, 4)])
+
+
+def spoken_options(prompt: str, letters: list[str]):
+    """The option texts a spoken multiple-choice prompt reads out after its letters, in order; None unless every
+    letter of `letters` is found (the last option runs to the end of its line).
+
+    >>> spoken_options("What is the capital of France? A. Paris. B. Rome. C. Oslo. D. Bern.", list("ABCD"))
+    ['Paris', 'Rome', 'Oslo', 'Bern']
+    >>> spoken_options("Which is a noble gas?\\n(A) neon\\n(B) iron", list("AB"))
+    ['neon', 'iron']
+    """
+    marks, n = [], 0
+    for m in re.finditer(r"(?:^|(?<=\s))\(?([A-J])[.):](?=\s)", prompt):
+        if n < len(letters) and m.group(1) == letters[n]:
+            marks.append(m)
+            n += 1
+    if n < len(letters):
+        return None
+    ends = [m.start() for m in marks[1:]] + [len(prompt)]
+    texts = [prompt[m.end():end].strip() for m, end in zip(marks, ends)]
+    texts[-1] = texts[-1].split("\n")[0].strip()
+    return [t.rstrip(".").strip() for t in texts]
 
 
 def _decode_audio(audio, where: str, root: Path):
@@ -472,9 +553,11 @@ def _voicebench_rows(subset: str, source):
 def load_voicebench(subset: str, source=None, out_dir=None, n=None) -> list[dict]:
     """VoiceBench `mmsu` / `openbookqa` as distributed: each row is audio (Google TTS reading the question and its
     lettered options), prompt (exactly that text) and reference (the right letter). Returns examples with
-    text = prompt (nothing appended), choices = the letters, answer = the letter; MMSU rows get category = the
-    domain (its hub split: law, physics, ...). Audio stored inside the rows is written to out_dir/wavs at 16 kHz
-    now (one clip in memory at a time); audio given as a path is read by write_manifest."""
+    text = prompt (nothing appended), choices = the letters, options = their texts read from the prompt,
+    instruction = "" (VoiceBench's harness sends the audio alone, and the text side the prompt alone), answer = the
+    letter; MMSU rows get category = the domain (its hub split: law, physics, ...). Audio stored inside the rows is
+    decoded now, one clip at a time, into out_dir/.source (16 kHz; write_manifest makes wavs/ from it, and main
+    removes it); audio given as a path is read by write_manifest."""
     if subset not in VOICEBENCH:
         raise ValueError(f"unknown VoiceBench subset {subset!r}; the multiple-choice ones are {', '.join(VOICEBENCH)}")
     out, seen = [], Counter()
@@ -493,18 +576,21 @@ def load_voicebench(subset: str, source=None, out_dir=None, n=None) -> list[dict
         seen[split] += 1
         ex_id = _safe_id(row.get("id") or (f"{subset}-{split}-{seen[split] - 1:05d}" if subset == "mmsu"
                                            else f"{subset}-{len(out):05d}"))
-        ex = {"id": ex_id, "text": prompt.strip(), "choices": letters, "answer": ref,
+        options = spoken_options(prompt.strip(), letters)
+        ex = {"id": ex_id, "text": prompt.strip(), "instruction": "", "choices": letters,
+              **({"options": options} if options else {}), "answer": ref,
               **({"category": str(row.get("category") or split)} if subset == "mmsu" else {}),
               "source": f"voicebench:{subset}"}
         audio = _decode_audio(row.get("audio"), where, root)
-        if isinstance(audio, tuple):                      # decoded here: write the 16 kHz clip once
+        if isinstance(audio, tuple):                      # decoded here: a 16 kHz clip for write_manifest
             wav = wavs / f"{ex_id}.wav"
-            if wav_duration(wav) is None:
+            if wav_duration(wav) is None:                 # not made yet: stage it (write_manifest counts it new)
+                wav = Path(out_dir or ".") / ".source" / f"{ex_id}.wav"
+                wav.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     y = check_clip(*audio)
                 except ValueError as e:
                     raise ValueError(f"{where}: the audio is {e}; fix or drop this row") from None
-                wavs.mkdir(parents=True, exist_ok=True)
                 sf.write(str(wav) + ".part", y, SR, subtype="PCM_16", format="WAV")
                 os.replace(str(wav) + ".part", wav)
             audio = str(wav)
@@ -516,7 +602,8 @@ def load_mmau(path, audio_root=None, n=None) -> list[dict]:
     """MMAU test-mini (github.com/Sakshi113/MMAU, mmau-test-mini.json): a JSON list of {id, audio_id
     ("./test-mini-audios/<id>.wav"), question, choices (texts), answer (the right choice's text), task (sound |
     music | speech), ...}. Audio-only rows: no text (there is no transcript); prompt = the question and its
-    lettered options, shown with the audio; choices = the letters; answer = a letter; category = task.
+    lettered options, shown with the audio; instruction = "" (MMAU asks the question with its options, nothing
+    more); choices = the letters; options = the option texts; answer = a letter; category = task.
     Choices repeated within an item (27 of 1000 in test-mini) are shown once. audio_root: the folder holding
     test-mini-audios/ (default: the JSON's folder)."""
     path, root = Path(path), Path(audio_root) if audio_root else Path(path).parent
@@ -542,7 +629,8 @@ def load_mmau(path, audio_root=None, n=None) -> list[dict]:
             missing.append(it["audio_id"])
         out.append({"id": _safe_id(it["id"]), "audio_src": str(audio),
                     "prompt": it["question"].strip() + "\n" + "\n".join(f"{L}. {c}" for L, c in zip(letters, choices)),
-                    "choices": letters, "answer": letters[choices.index(it["answer"].strip())],
+                    "instruction": "", "choices": letters, "options": choices,
+                    "answer": letters[choices.index(it["answer"].strip())],
                     "category": it["task"], "source": f"mmau:{path.name}"})
     if missing:
         raise ValueError(f"{path}: {len(missing)} of {len(out)} audio files not found under {root} (first: {missing[0]}); "
@@ -958,7 +1046,7 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
         wav, row = out / "wavs" / f"{ex['id']}.wav", old.get(ex["id"])
         dur = None if overwrite else wav_duration(wav)
         dur = dur if dur and dur <= max_seconds else None
-        voice = "source" if ex.get("audio_src") else pick_voice(ex["id"], voices, seed)
+        voice = "source" if ex.get("audio_src") else ex.get("voice") or pick_voice(ex["id"], voices, seed)
         if dur and row and "made_from" not in row:            # a row from before "made_from": its augmentation stays
             aug_of[ex["id"]] = row.get("augment")
         if dur and not _still_valid(row, ex, voice, made_from(ex, voice, aug_of.get(ex["id"]), seed)):
@@ -1000,7 +1088,8 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
                 if ex["id"] in done:
                     voice, dur = done[ex["id"]]
                     row = {"id": ex["id"], "audio": f"wavs/{ex['id']}.wav",
-                           **{k: ex[k] for k in ("text", "prompt", "choices", "answer", "category", "written")
+                           **{k: ex[k] for k in ("text", "prompt", "instruction", "choices", "options", "answer",
+                                                 "category", "written", "fit_speed")
                               if ex.get(k) is not None},
                            "voice": voice, **({"augment": aug_of[ex["id"]]} if aug_of.get(ex["id"]) else {}),
                            "duration": round(dur, 3), "source": ex.get("source", ""),
@@ -1043,7 +1132,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for the built-in problems and the voice choice")
     p.add_argument("--mcq", action="store_true", help="--source is a multiple-choice JSONL whose options are spoken (see load_mcq)")
     p.add_argument("--split", default="train", help="split for hf: sources")
-    p.add_argument("--max-words", type=int, default=120, help="drop problems whose spoken form is longer")
+    p.add_argument("--max-words", type=int, default=120, help="drop problems whose spoken form is longer "
+                   "(not --source gsm8k: every GSM8K problem is kept, long ones voiced faster)")
     p.add_argument("--max-seconds", type=float, default=None, help="drop clips longer than this (default: 30, the Whisper encoder's "
                    "window, for voiced text; none for benchmark audio (voicebench:*, mmau), kept whole: cord.py --long_audio decides)")
     p.add_argument("--augment", default=None, help="speech augmentations per clip, name=lo-hi[,...][,p=P]: "
@@ -1072,7 +1162,7 @@ def main(argv=None):
         elif a.source == "mmau":
             examples = load_mmau(a.input, a.audio_root, a.n)
         elif a.source == "gsm8k":
-            examples, dropped = load_problems(a.input, a.n, a.max_words)
+            examples = load_gsm8k(a.input, a.n, a.out)
         elif a.mcq:
             examples = load_mcq(a.source)[:a.n]
         else:
@@ -1082,6 +1172,9 @@ def main(argv=None):
         distributed = a.source.startswith("voicebench:") or a.source == "mmau"  # the benchmark's own audio: every item kept
         max_seconds = a.max_seconds if a.max_seconds is not None else float("inf") if distributed else 30.0
         write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, max_seconds, a.augment, a.overwrite)
+        if a.source == "gsm8k" and max_seconds < float("inf"):    # every problem kept: long ones voiced faster
+            fit_to_window(examples, a.out, a.tts.split(","), a.workers, a.seed, max_seconds, a.augment)
+        shutil.rmtree(Path(a.out) / ".source", ignore_errors=True)  # voicebench: the staged clips are in wavs/ now
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -405,25 +405,33 @@ VB = [  # VoiceBench rows: the audio reads the prompt, options included; referen
 def _vb_rows(tmp_path):
     """One row per audio form of a local export: a path, {array, sampling_rate} (datasets, decoded), {bytes} (base64 in JSON)."""
     _speechy_wav(tmp_path / "vb0.wav", 2.0, sr=24000)
-    sr, x = 16000, np.sin(2 * np.pi * 200 * np.arange(16000) / 16000) * 0.3          # 1 s
+    sr, x = 16000, np.sin(2 * np.pi * 200 * np.arange(24000) / 16000) * 0.3          # 1.5 s: long enough for its words
     return [{"audio": "vb0.wav", "prompt": VB[0], "reference": "B"},
             {"audio": {"array": x.tolist(), "sampling_rate": sr}, "prompt": VB[1], "reference": "A", "split": "geography"},
             {"audio": {"bytes": base64.b64encode(_wav_bytes(1.5, 22050)).decode(), "path": "x.wav"}, "prompt": VB[2],
              "reference": "e"}]
 
 
+VB_OPTIONS = [["wool", "a steel spoon", "air", "wood"], ["Paris", "Rome", "Oslo", "Bern"],
+              ["neon", "iron", "salt", "water", "sugar"]]
+
+
 @pytest.mark.parametrize("subset", ["mmsu", "openbookqa"])
-def test_datagen_voicebench_local_export(tmp_path, subset):
+def test_datagen_voicebench_local_export(tmp_path, subset, capsys):
     src = _write_jsonl(tmp_path / "law.jsonl", _vb_rows(tmp_path))
     out = tmp_path / subset
     data_gen_main(["--source", f"voicebench:{subset}", "--input", str(src), "--out", str(out), "--workers", "1"])
+    assert "3/3 clips (3 new, 0 kept)" in capsys.readouterr().out          # true counts: every clip made by this run
+    data_gen_main(["--source", f"voicebench:{subset}", "--input", str(src), "--out", str(out), "--workers", "1"])
+    assert "3/3 clips (0 new, 3 kept)" in capsys.readouterr().out and not (out / ".source").exists()
     rows = read_manifest(out / "manifest.jsonl")
     ids = (["mmsu-law-00000", "mmsu-geography-00000", "mmsu-law-00001"] if subset == "mmsu"
            else ["openbookqa-00000", "openbookqa-00001", "openbookqa-00002"])
     cats = ["law", "geography", "law"] if subset == "mmsu" else [None] * 3                # MMSU: the domain
-    for row, i, cat, prompt, (ans, letters), dur in zip(rows, ids, cats, VB, [("B", "ABCD"), ("A", "ABCD"), ("E", "ABCDE")],
-                                                          [2.0, 1.0, 1.5]):
-        assert row == {"id": i, "audio": f"wavs/{i}.wav", "text": prompt, "choices": list(letters), "answer": ans,
+    for row, i, cat, prompt, (ans, letters), dur, options in zip(
+            rows, ids, cats, VB, [("B", "ABCD"), ("A", "ABCD"), ("E", "ABCDE")], [2.0, 1.5, 1.5], VB_OPTIONS):
+        assert row == {"id": i, "audio": f"wavs/{i}.wav", "text": prompt, "instruction": "", "choices": list(letters),
+                       "options": options, "answer": ans,
                        **({"category": cat} if cat else {}), "voice": "source", "duration": dur,
                        "source": f"voicebench:{subset}"}                                  # every field, nothing appended
         info = sf.info(str(out / row["audio"]))
@@ -438,8 +446,8 @@ class _Split(list):  # a hub split, as far as load_voicebench uses it
 
 
 def _hub():  # hlt-lab/voicebench mmsu: one split per domain, audio undecoded {bytes, path}
-    return {"law": _Split([{"audio": {"bytes": _wav_bytes(1.0, 24000), "path": "a.wav"}, "prompt": VB[0], "reference": "D"}]),
-            "physics": _Split([{"audio": {"bytes": _wav_bytes(1.2, 16000), "path": None}, "prompt": VB[1], "reference": "C"}])}
+    return {"law": _Split([{"audio": {"bytes": _wav_bytes(2.0, 24000), "path": "a.wav"}, "prompt": VB[0], "reference": "D"}]),
+            "physics": _Split([{"audio": {"bytes": _wav_bytes(2.2, 16000), "path": None}, "prompt": VB[1], "reference": "C"}])}
 
 
 def test_datagen_voicebench_hub(tmp_path, monkeypatch):
@@ -452,7 +460,7 @@ def test_datagen_voicebench_hub(tmp_path, monkeypatch):
     rows = read_manifest(load_and_write(["--source", "voicebench:mmsu", "--out", str(tmp_path / "hub")]))
     assert calls == [("hlt-lab/voicebench", "mmsu")]
     assert [(r["id"], r["category"], r["answer"], r["text"], r["duration"]) for r in rows] == [
-        ("mmsu-law-00000", "law", "D", VB[0], 1.0), ("mmsu-physics-00000", "physics", "C", VB[1], 1.2)]
+        ("mmsu-law-00000", "law", "D", VB[0], 2.0), ("mmsu-physics-00000", "physics", "C", VB[1], 2.2)]
     monkeypatch.setitem(sys.modules, "datasets", None)                              # not installed: one line
     with pytest.raises(SystemExit, match="needs the optional package `datasets`"):
         data_gen_main(["--source", "voicebench:mmsu", "--out", str(tmp_path / "none")])
@@ -467,9 +475,10 @@ def test_datagen_voicebench_parquet_folder(tmp_path):
         pq.write_table(pa.Table.from_pylist(list(r)), tmp_path / "voicebench" / "mmsu" / f"{split}-00000-of-00001.parquet")
     rows = read_manifest(load_and_write(["--source", "voicebench:mmsu", "--input", str(tmp_path / "voicebench"),
                                          "--out", str(tmp_path / "pq")]))
-    assert rows == [{"id": f"mmsu-{d}-00000", "audio": f"wavs/mmsu-{d}-00000.wav", "text": VB[i], "choices": list("ABCD"),
-                     "answer": a, "category": d, "voice": "source", "duration": t, "source": "voicebench:mmsu"}
-                    for i, (d, a, t) in enumerate([("law", "D", 1.0), ("physics", "C", 1.2)])]
+    assert rows == [{"id": f"mmsu-{d}-00000", "audio": f"wavs/mmsu-{d}-00000.wav", "text": VB[i], "instruction": "",
+                     "choices": list("ABCD"), "options": VB_OPTIONS[i], "answer": a, "category": d, "voice": "source",
+                     "duration": t, "source": "voicebench:mmsu"}
+                    for i, (d, a, t) in enumerate([("law", "D", 2.0), ("physics", "C", 2.2)])]
 
 
 def load_and_write(argv):
@@ -503,9 +512,11 @@ def test_datagen_mmau_test_mini(tmp_path):
     want = [("s1", "What is the source of the sound?\nA. Man\nB. Woman\nC. Child\nD. Robot", "ABCD", "C", "sound", 3.0),
             ("m1", "How many beats?\nA. four\nB. nine\nC. fourteen", "ABC", "C", "music", 2.0),       # repeated option once
             ("p1", "What emotion does the speaker show?\nA. joy\nB. anger", "AB", "A", "speech", 1.0)]
-    for row, (i, prompt, letters, ans, cat, dur) in zip(rows, want, strict=True):
-        assert row == {"id": i, "audio": f"wavs/{i}.wav", "prompt": prompt, "choices": list(letters), "answer": ans,
-                       "category": cat, "voice": "source", "duration": dur, "source": "mmau:mmau-test-mini.json"}
+    options = [["Man", "Woman", "Child", "Robot"], ["four", "nine", "fourteen"], ["joy", "anger"]]
+    for row, (i, prompt, letters, ans, cat, dur), opts in zip(rows, want, options, strict=True):
+        assert row == {"id": i, "audio": f"wavs/{i}.wav", "prompt": prompt, "instruction": "", "choices": list(letters),
+                       "options": opts, "answer": ans, "category": cat, "voice": "source", "duration": dur,
+                       "source": "mmau:mmau-test-mini.json"}
         assert "text" not in row                     # audio-only: no transcript, so x_t holds only prompt + instruction
         y, sr = sf.read(tmp_path / "mmau" / row["audio"], dtype="float32")
         assert sr == 16000 and y.ndim == 1 and np.abs(y).max() > 0.4              # resampled, mono, level kept
@@ -560,6 +571,7 @@ def test_datagen_gsm8k_benchmark_records(tmp_path, monkeypatch):
     assert all(not re.search(r"\d", e["text"]) and "prompt" not in e and "choices" not in e for e in exs)
     seen = {}                                        # the CLI: --source gsm8k --input (voicing: the real-TTS test above)
     monkeypatch.setattr(data_gen, "write_manifest", lambda examples, out, *a, **k: seen.update(n=len(examples), out=out))
+    monkeypatch.setattr(data_gen, "fit_to_window", lambda *a, **k: None)
     data_gen_main(["--source", "gsm8k", "--input", str(gsm), "--out", str(tmp_path / "g"), "--n", "2"])
     assert seen == {"n": 2, "out": str(tmp_path / "g")}
 
@@ -586,3 +598,64 @@ def test_datagen_benchmark_rows_never_show_the_transcript_beside_the_audio(tmp_p
         else:                                                                       # MMAU: question + options, once each
             assert x_a.count(row["prompt"]) == 1 and x_t.count(row["prompt"]) == 1
         assert x_a.count("<|AUDIO|>") > 10 and "<|AUDIO|>" not in x_t
+
+
+def _fake_tts(text, voice="hibari", seed=None):
+    """0.5 s of a tone per word at the voice's speed: long problems run past a short window."""
+    speed = data_gen.parse_voice(voice)[2]
+    seconds = 0.5 * len(text.split()) / speed
+    return (0.3 * np.sin(np.arange(int(seconds * 24000)) * 0.05)).astype(np.float32), 24000
+
+
+def test_datagen_gsm8k_keeps_every_problem_voicing_long_ones_faster(tmp_path, monkeypatch, capsys):
+    """--source gsm8k keeps all problems, however long: a clip past the window is voiced again faster (1.25, 1.5,
+    2 x), its row's voice and fit_speed say how much; a rerun keeps every clip."""
+    words = lambda k: " ".join(["apples"] * (k - 4))
+    gsm = _write_jsonl(tmp_path / "test.jsonl", [
+        {"question": f"Tom has {words(8)} 3 apples?", "answer": "#### 3"},             # 8 words: 4 s
+        {"question": f"Ann has {words(13)} 4 apples?", "answer": "#### 4"},            # 13 words: 6.5 s
+        {"question": f"Sam has {words(20)} 5 apples?", "answer": "#### 5"},            # 20 words: 10 s -> x1.5: 6.7 s
+        {"question": f"Mia has {words(160)} 6 apples?", "answer": "#### 6"}])          # over the old 120-word limit
+    monkeypatch.setattr(data_gen, "synthesize", _fake_tts)
+    argv = ["--source", "gsm8k", "--input", str(gsm), "--out", str(tmp_path / "g"), "--workers", "1",
+            "--max-seconds", "7"]
+    data_gen_main(argv)
+    out = capsys.readouterr().out
+    rows = read_manifest(tmp_path / "g" / "manifest.jsonl")
+    assert [r["id"] for r in rows] == [f"test-{i:06d}" for i in range(1, 4)]          # the 160-word one: left out
+    fitted = [(r.get("fit_speed"), r["voice"]) for r in rows]
+    assert fitted == [(None, "hibari"), (None, "hibari"), (1.5, "hibari::1.5")]
+    assert all(r["source"] == "gsm8k:test.jsonl" and r["duration"] <= 7 and "instruction" not in r for r in rows)
+    assert "3 of 4 problems; voiced faster to fit 7 s: x1.5: 1" in out
+    assert "left out: test-000004 (no clip under 7 s even at x2)" in out
+    data_gen_main(argv)                                                               # a rerun re-voices nothing
+    assert "(0 new, 3 kept)" in capsys.readouterr().out
+
+
+def test_datagen_gsm8k_real_file_shape(tmp_path, capsys):
+    """load_gsm8k keeps a problem the generic loader drops as too_long, and names a problem it cannot speak."""
+    long_q = "A farmer " + "counts his sheep and " * 70 + "how many sheep are there?"
+    gsm = _write_jsonl(tmp_path / "test.jsonl", [{"question": long_q, "answer": "#### 7"},
+                                                  {"question": "What is 2 + 2?", "answer": ""}])
+    assert load_problems(gsm)[1] == {"too_long": 1, "no_final_answer": 1}
+    exs = data_gen.load_gsm8k(gsm)
+    assert [(e["id"], e["answer"], e["source"]) for e in exs] == [("test-000001", "7", "gsm8k:test.jsonl")]
+    assert "not kept: test-000002 (no_final_answer)" in capsys.readouterr().out
+
+
+def test_manifest_options_and_instruction_are_checked(tmp_path):
+    base = {"id": "a", "audio": "a.wav", "answer": "A", "choices": ["A", "B"]}
+    for extra, msg in [({"options": ["x"]}, "'options' must be a list of strings, one per choice"),
+                       ({"options": ["x", 2]}, "'options' must be a list of strings"),
+                       ({"instruction": None}, "'instruction' must be a string")]:
+        _write_jsonl(tmp_path / "m.jsonl", [{**base, **extra}])
+        with pytest.raises(ValueError, match=r"m\.jsonl:1: " + msg):
+            read_manifest(tmp_path / "m.jsonl", check_files=False)
+    _write_jsonl(tmp_path / "m.jsonl", [{**base, "options": ["x", "y"], "instruction": ""}, {**base, "id": "b"}])
+    assert len(read_manifest(tmp_path / "m.jsonl", check_files=False)) == 2      # old rows (no options) still load
+
+
+def test_spoken_options_forms():
+    assert data_gen.spoken_options(VB[0], list("ABCD")) == VB_OPTIONS[0]
+    assert data_gen.spoken_options("E. coli lives where?\nA. soil\nB. rock", list("AB")) == ["soil", "rock"]
+    assert data_gen.spoken_options("Pick one: A. yes", list("AB")) is None            # B never read out: no options
