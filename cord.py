@@ -843,9 +843,10 @@ def main(argv=None):
     data = load(args.data)
     eval_sets = {p: load(p)[: args.eval_limit] for p in (args.eval_data or "").split(",") if p}
     if args.eval:
-        plumbing.check_writable(args.output)
-        base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-        s = evaluate(setup(args), data[: args.eval_limit], args, args.output, base)
+        with plumbing.RunLock(args.output):  # one writer per folder; Ctrl-C or a full disk: one line
+            plumbing.prepare_eval_output(args.output, args.baseline, args.overwrite)  # never over its --baseline
+            base = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+            s = evaluate(setup(args), data[: args.eval_limit], args, args.output, base)
         print(json.dumps({k: v for k, v in s.items() if not isinstance(v, list)}, indent=1))
         if not s["n_scored"]:
             print(f"not scored: no item of {args.data} has an 'answer' (acc and gap are null)")
@@ -855,8 +856,9 @@ def main(argv=None):
         data = [ex for ex in data if ex.get("text")]
         if not data:
             raise SystemExit(f"{args.data}: no row has a 'text' (a transcript) to train on")
-    plumbing.prepare_output(args.output, args.resume, args.overwrite)
-    final = train(setup(args), data, args, eval_sets)
+    with plumbing.RunLock(args.output):  # one writer per run folder; Ctrl-C or a full disk end in one line
+        plumbing.prepare_output(args.output, args.resume, args.overwrite, asdict(args))  # resume: the same run
+        final = train(setup(args), data, args, eval_sets)
     print(f"saved {final}")
     if eval_sets:
         print(f"\n{(Path(args.output) / 'eval.md').read_text()}")

@@ -243,11 +243,12 @@ def disk_full(err) -> bool:
     return isinstance(err, Exception) and any(s in text for s in ("No space left", "os error 28", "file write failed"))
 
 
-def write_failed(what: Path, err: Exception) -> str:
-    """One line: what could not be written and why, what stays, and how to go on."""
+def write_failed(what: Path, err: Exception, free: int) -> str:
+    """One line: what could not be written and why (`free` bytes left when it failed: near 0, the disk is full,
+    whatever the writer's own message says), what stays, and how to go on."""
     prev = last_checkpoint(what.parent, quiet=True)
-    free = shutil.disk_usage(what.parent).free / 1e6
-    why = f"disk full: {free:.0f} MB free" if disk_full(err) else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    full = disk_full(err) or free < 16e6
+    why = f"disk full: {free / 1e6:.0f} MB free" if full else f"{type(err).__name__}: {str(err).splitlines()[0]}"
     stays = f"{prev.name} (step {int(prev.name.split('-')[1])}) stays" if prev else "no earlier checkpoint exists"
     return (f"{what}: could not be written ({why}); nothing half-written is kept and {stays}: free some space, "
             "then rerun with --resume true")
@@ -282,8 +283,9 @@ def save_checkpoint(model, opt, step: int, output: str, parts: tuple, config: di
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             fsync_tree(tmp)  # on disk before the rename publishes it (a node crash, not only a killed process)
         except (OSError, RuntimeError, SafetensorError) as e:
+            free = shutil.disk_usage(out).free  # before the half-written folder goes
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(write_failed(final, e)) from None
+            raise SystemExit(write_failed(final, e, free)) from None
         publish(tmp, final)
         for old in own_checkpoints(out)[:-keep] if keep else []:  # --save_total_limit: only our own
             shutil.rmtree(old, ignore_errors=True)
@@ -305,8 +307,9 @@ def save_final(model, output: str, parts: tuple, fsdp: bool = False) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             save_model_folder(merged, tmp, parts, weights)
         except (OSError, RuntimeError, SafetensorError) as e:
+            free = shutil.disk_usage(final.parent).free
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(write_failed(final, e)) from None
+            raise SystemExit(write_failed(final, e, free)) from None
         publish(tmp, final)
     if world > 1:
         torch.distributed.barrier()  # dist: final/ exists when train() returns on any rank
