@@ -62,6 +62,7 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import judge as judge_lib
+from benchmarks import official
 from cordkit import chunked, evaluation, plumbing
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 from cordkit.manifest import check_durations, load_audio, load_manifest
@@ -156,6 +157,8 @@ def _render(lalm: LALM, content: list[dict], system_prompt: Optional[str]) -> st
 
 def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_prompt: Optional[str] = None) -> dict:
     """x_a = [audio] + prompt + instruction; x_t = transcript + the same prompt + instruction; one template.
+    The instruction is the row's `instruction` when it has one (data_gen.py writes the benchmark's own), else
+    `instruction`.
 
     A row's `text` is exactly what its audio says: the teacher reads it in place of hearing it, and none of
     it enters x_a. Its optional `prompt` (e.g. MMAU's question and options) is shown in both. An audio-only
@@ -170,7 +173,8 @@ def build_prompts(lalm: LALM, examples: list[dict], instruction: str, system_pro
     placeholder = tok.convert_ids_to_tokens(lalm.audio_token_id)
     audio_texts, text_texts = [], []
     for ex, n in zip(examples, n_audio.tolist()):
-        shown = "\n".join(filter(None, [ex.get("prompt"), instruction]))  # in both prompts
+        own = ex.get("instruction", instruction)  # a row's own instruction ("": none) replaces --instruction
+        shown = "\n".join(filter(None, [ex.get("prompt"), own]))  # in both prompts
         heard = [{"type": "audio", "audio": str(ex["audio_path"])}, {"type": "text", "text": shown}]
         a = _render(lalm, heard, system_prompt)
         if a.count(placeholder) != 1:
@@ -371,21 +375,28 @@ def make_judge(args: Args, lalm: LALM):
                                  lalm.device)
 
 
-def rewards_for(judges, completions: list[str], refs: list, answers: list, mode: str) -> torch.Tensor:
+def rewards_for(judges, completions: list[str], refs: list, answers: list, mode: str, rows=None) -> torch.Tensor:
     """Eq. 8: r_i = J(y_i, y_hat) in {0, 1}. mode answer: J(y_i, ground truth); both: the two must agree.
 
-    Rows without a ground-truth answer fall back to y_hat.
+    Rows without a ground-truth answer fall back to y_hat. With the rule judge and the manifest `rows`, the ground
+    truth is judged as evaluation judges it (judge.score_row: letters, option texts, numbers).
     """
     judge_text, judge_gt = judges
     if mode == "answer" and None in answers:
         raise SystemExit("--reward_ref answer: an example has no 'answer'; use --reward_ref text or both")
+
+    def right(i):  # J(y_i, ground truth)
+        if rows is not None and isinstance(judge_gt, judge_lib.RuleJudge):
+            return float(judge_lib.score_row(completions[i], rows[i]))
+        return judge_gt([completions[i]], [str(answers[i])])[0]
+
     if mode == "text":
         r = judge_text(completions, refs)  # J(y_i, y_hat)
     elif mode == "answer":
-        r = [judge_gt([c], [str(a)])[0] for c, a in zip(completions, answers)]  # J(y_i, ground truth)
+        r = [right(i) for i in range(len(completions))]
     else:  # both: y_hat and the ground truth must agree; y_hat alone where a row has no answer
         r_text = judge_text(completions, refs)
-        r = [t if a is None else min(judge_gt([c], [str(a)])[0], t) for c, a, t in zip(completions, answers, r_text)]
+        r = [t if answers[i] is None else min(right(i), t) for i, t in enumerate(r_text)]
     return torch.tensor(r, dtype=torch.float32)  # (B*G,)
 
 
@@ -641,8 +652,9 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
             completions = decode(lalm, *ro.group)  # B*G
             refs = decode(lalm, *ro.ref) if ro.ref else [None] * B  # y_hat per prompt; none with --reward_ref answer
             refs = [ref for ref in refs for _ in range(G)]  # B*G: each rollout beside its prompt's y_hat
-            answers = [ex.get("answer") for ex in examples for _ in range(G)]  # B*G
-            r = rewards_for(judge, completions, refs, answers, args.reward_ref).to(lalm.device)  # (B*G,) Eq. 8
+            rows = [ex for ex in examples for _ in range(G)]  # B*G
+            answers = [ex.get("answer") for ex in rows]
+            r = rewards_for(judge, completions, refs, answers, args.reward_ref, rows).to(lalm.device)  # (B*G,) Eq. 8
             A = grpo_advantages(r, G, args.adv_scale)  # (B*G,) Eq. 9
             metrics.update(reward_mean=r.mean().item(), completion_len=ro.group[1].sum(-1).float().mean().item())
     with clock("t_teacher"):  # 3. sg[pi(.|x_t, y_<t)] on the rows of the token loss (fkl: on y_hat)
@@ -721,8 +733,8 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
 @torch.no_grad()
 def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None,
              baseline: Optional[dict] = None, kl: bool = True) -> dict:
-    """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics (kl=True)."""
-    rule = judge_lib.RuleJudge(ground_truth=True)
+    """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics (kl=True); each
+    completion scored by judge.score_row, and the benchmark's own metric beside (benchmarks/official.py)."""
     lalm.model.eval()
     items, D_all, D_pos, tok_kl = [], [], {}, {}
     for i in tqdm(range(0, len(examples), args.eval_batch_size), desc="eval", dynamic_ncols=True):
@@ -739,15 +751,14 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
                                  completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size)
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
             answer = None if ex.get("answer") is None else str(ex["answer"])
-            score = (lambda c: bool(rule([c], [answer])[0])) if answer is not None else (lambda c: None)
             d = d[m].float().cpu()
             D_all.append(d)
             for t, (v, tok) in enumerate(zip(d.tolist(), y[m].tolist())):
                 D_pos.setdefault(t, []).append(v)
                 tok_kl.setdefault(tok, []).append(v)
             items.append({"id": ex["id"], "category": ex.get("category"), "answer": answer, "audio_completion": ca,
-                          "text_completion": ct, "audio_correct": score(ca),
-                          "text_correct": score(ct) if ex.get("text") else None,
+                          "text_completion": ct, "audio_correct": judge_lib.score_row(ca, ex),
+                          "text_correct": judge_lib.score_row(ct, ex) if ex.get("text") else None,
                           "kl_mean": d.mean().item() if len(d) else 0.0})
 
     def acc(key, category=None):  # % right over the items scored on that side (of that category); None if none
@@ -763,6 +774,7 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
     if any(it["category"] for it in items):  # e.g. MMAU: sound, music, speech
         categories = sorted({it["category"] for it in items if it["category"]})
         s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in categories}
+    s.update(official.official_summary(examples, items))  # the benchmark's own metric; {} for other data
     s.update(kl_statistics(torch.cat(D_all) if D_all else torch.zeros(1), D_pos, tok_kl, lalm.tokenizer))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import numpy as np
 from cordkit.plumbing import MetricsLog, rank_world
 
 
-def log_evaluations(evaluate: Callable, sets: dict, output: str, step: int, log: Optional[MetricsLog] = None) -> list[dict]:
+def log_evaluations(evaluate: Callable, sets: dict, output: str, step: int,
+                    log: Optional[MetricsLog] = None) -> list[dict]:
     """Evaluate every set at `step` -> one JSON line per set in <output>/eval.jsonl, then eval.md and eval.png
     (rank 0 writes; every rank evaluates, as FSDP needs). evaluate(rows, baseline) -> summary; baseline = that set's
     step-0 line, for the gap reduction. Lines of this step or later (from a run resumed from an earlier checkpoint)
@@ -34,7 +35,9 @@ def log_evaluations(evaluate: Callable, sets: dict, output: str, step: int, log:
     return records
 
 
-EVAL_KEYS = ("n", "acc_text", "acc_audio", "gap", "gap_reduction", "acc_audio_by_category")
+EVAL_KEYS = ("n", "acc_text", "acc_audio", "gap", "gap_reduction", "acc_audio_by_category",  # ours (judge.score_row)
+             "n_published", "official_metric", "official_acc_text", "official_acc_audio",  # the benchmark's own
+             "official_no_letter_text", "official_no_letter_audio")
 
 
 def set_label(path: str) -> str:  # data/mmsu/manifest.jsonl -> mmsu; data/gsm8k.jsonl -> gsm8k
@@ -66,20 +69,52 @@ def summarize_evaluations(output: str) -> str:
                     f"{_pct(a['acc_audio'])} → {_pct(b['acc_audio'])} | {_pct(a['gap'])} → {_pct(b['gap'])} | "
                     f"{'n/a' if red is None else f'{100 * red:.1f} %'} |")
         for c, v in (b.get("acc_audio_by_category") or {}).items():
-            categories.append(f"| {set_label(name)} | {c} | {_pct((a.get('acc_audio_by_category') or {}).get(c))} → {_pct(v)} |")
+            before = (a.get("acc_audio_by_category") or {}).get(c)
+            categories.append(f"| {set_label(name)} | {c} | {_pct(before)} → {_pct(v)} |")
     steps = sorted({r["step"] for r in lines})
     md = [f"Evaluation at steps {steps[0]} → {steps[-1]} (first → last); gap = acc_text - acc_audio; "
           "gap reduction = (gap_0 - gap) / gap_0.", "",
           "| set | n | acc_text | acc_audio | gap | gap reduction |", "|---|---|---|---|---|---|", *rows, ""]
     if n_speech:
         mean = f"{100 * np.mean(reductions):.1f} %" if reductions else "n/a"
-        md += [f"Mean gap reduction over {len(reductions)} of {n_speech} speech set(s) (those with a gap at step 0): {mean}", ""]
+        md += [f"Mean gap reduction over {len(reductions)} of {n_speech} speech set(s) (those with a gap at step 0): "
+               f"{mean}", ""]
+    md += official_table(by_set)
     if categories:
         md += ["| set | category | acc_audio |", "|---|---|---|", *categories, ""]
     text = "\n".join(md)
     (Path(output) / "eval.md").write_text(text)
     _plot_evaluations(by_set, Path(output) / "eval.png")
     return text
+
+
+def official_table(by_set: dict) -> list[str]:
+    """eval.md's lines for the sets a benchmark scores its own way: our accuracy / the official metric, first → last;
+    n against the benchmark's published count; VoiceBench's no-letter responses (counted at 1/4 there).
+
+    >>> r = dict(n=455, n_published=455, official_metric="voicebench_mcq", acc_text=60.0, official_acc_text=55.5,
+    ...          acc_audio=50.0, official_acc_audio=47.0, official_no_letter_audio=12, official_no_letter_text=3)
+    >>> official_table({"data/obqa/manifest.jsonl": [r]})[4]
+    '| obqa | 455 of 455 | voicebench_mcq | 60.0 / 55.5 | 50.0 / 47.0 | 12 / 3 |'
+    """
+    rows = []
+    for name, rs in by_set.items():
+        a, b = rs[0], rs[-1]
+        if not b.get("official_metric"):
+            continue
+        cells = []
+        for side in ("text", "audio"):
+            pairs = [f"{_pct(r.get(f'acc_{side}'))} / {_pct(r.get(f'official_acc_{side}'))}" for r in (a, b)]
+            cells.append(pairs[1] if a is b else " → ".join(pairs))
+        no_letter = [b.get(f"official_no_letter_{side}") for side in ("audio", "text")]
+        letters = "–" if no_letter[0] is None else f"{no_letter[0]} / {no_letter[1]}"
+        rows.append(f"| {set_label(name)} | {b['n']} of {b.get('n_published') or '?'} | {b['official_metric']} | "
+                    f"{cells[0]} | {cells[1]} | {letters} |")
+    if not rows:
+        return []
+    return ["Ours (judge.score_row) / the benchmark's own rule (benchmarks/official.py), first → last:", "",
+            "| set | n of published | official metric | acc_text: ours / official | acc_audio: ours / official "
+            "| no letter: audio / text |", "|---|---|---|---|---|---|", *rows, ""]
 
 
 def _plot_evaluations(by_set: dict, path: Path) -> None:

@@ -116,3 +116,87 @@ def test_official_summary_mmau_gsm8k_and_others():
     assert official_summary([{"source": "builtin:add", "answer": "3"}], [{}]) == {}  # not a benchmark: nothing
     assert official_summary([GSM, SPEAKER], [{}, {}]) == {}  # a mixed set has no one official metric
     assert benchmark_of({"source": "voicebench:openbookqa"}) == "voicebench:openbookqa" and len(PUBLISHED) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# cord.py: per-row instruction, score_row in evaluate and in the rewards, both metrics in summary.json and eval.md
+
+def _benchmark_sets(tmp_path):
+    """A VoiceBench-shaped export (audio array, prompt, reference) and an MMAU test-mini JSON (id, audio_id, question,
+    choices, answer, task, ...) with their clips, converted by data_gen.py."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from data_gen import main as data_gen_main
+    tone = lambda s: (0.3 * np.sin(np.arange(int(s * 16000)) * 0.07)).astype(np.float32)
+    vb = [{"audio": {"array": tone(4.0).tolist(), "sampling_rate": 16000}, "reference": r,
+           "prompt": f"Who described classical conditioning? A. Skinner. B. Watson. C. Pavlov. D. Freud. ({i})"}
+          for i, r in enumerate("CCA")]
+    (tmp_path / "mmsu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vb))
+    (tmp_path / "test-mini-audios").mkdir()
+    items = []
+    for i, answer in enumerate(["Man", "Woman"]):
+        sf.write(tmp_path / f"test-mini-audios/s{i}.wav", tone(1.0), 16000)
+        items.append({"id": f"s{i}", "audio_id": f"./test-mini-audios/s{i}.wav", "question": "Who is speaking?",
+                      "choices": ["Man", "Woman", "Child"], "answer": answer, "task": "speech", "difficulty": "easy",
+                      "dataset": "x", "split": "test-mini", "category": "Reasoning", "sub-category": "y"})
+    (tmp_path / "mmau-test-mini.json").write_text(json.dumps(items))
+    for source, given, out in (("voicebench:mmsu", "mmsu.jsonl", "mmsu"), ("mmau", "mmau-test-mini.json", "mmau")):
+        data_gen_main(["--source", source, "--input", str(tmp_path / given), "--out", str(tmp_path / out),
+                       "--workers", "1"])
+    return tmp_path / "mmsu" / "manifest.jsonl", tmp_path / "mmau" / "manifest.jsonl"
+
+
+def test_eval_reports_our_accuracy_and_the_official_metric(tmp_path, qwen2_audio_dir, monkeypatch, capsys):
+    """`cord.py --eval true` on an MCQ set and an MMAU set: every completion reads 'C - Pavlov' (MCQ) or 'A man is
+    speaking.' (MMAU); ours and the official rule score them as the table above says, side by side."""
+    import json
+
+    import cord
+    mmsu, mmau = _benchmark_sets(tmp_path)
+    said = {"mmsu": "C - Pavlov", "mmau": "A man is speaking."}
+    for name, manifest in (("mmsu", mmsu), ("mmau", mmau)):
+        monkeypatch.setattr(cord, "decode", lambda lalm, y, m, s=said[name]: [s] * len(y))
+        cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(manifest), "--output",
+                   str(tmp_path / f"run_{name}"), "--max_new_tokens", "2", "--long_audio", "cut"])
+        printed = capsys.readouterr().out
+        s = json.loads((tmp_path / f"run_{name}" / "summary.json").read_text())
+        assert '"official_acc_audio"' in printed and '"acc_audio"' in printed  # printed side by side
+        if name == "mmsu":  # answers C, C, A; 'C - Pavlov': ours C; VoiceBench: no letter, a 1/4 guess each
+            assert (s["acc_audio"], s["acc_text"]) == pytest.approx((200 / 3, 200 / 3))
+            assert (s["official_acc_audio"], s["official_no_letter_audio"], s["n_published"]) == (25.0, 3, 3074)
+        else:  # answers Man, Woman: both read 'man'; text side: none (audio-only)
+            both = (s["acc_audio"], s["official_acc_audio"], s["acc_text"], s["official_acc_text"])
+            assert both == (50, 50, None, None)
+            assert (s["official_metric"], s["n_published"]) == ("mmau_string_match", 1000)
+
+
+def test_a_rows_instruction_replaces_the_flag(tmp_path, qwen2_audio_dir):
+    """VoiceBench rows (instruction "") hear the audio alone; a row without one gets --instruction."""
+    import cord
+    from cordkit.manifest import load_manifest
+    mmsu, _ = _benchmark_sets(tmp_path)
+    rows = load_manifest(str(mmsu))[:2]
+    rows[1] = {k: v for k, v in rows[1].items() if k != "instruction"}
+    lalm = cord.load_lalm(str(qwen2_audio_dir))
+    P = cord.build_prompts(lalm, rows, "Say the letter.")
+    x_a = [lalm.tokenizer.decode(P["audio_ids"][i][P["audio_mask"][i].bool()]) for i in range(2)]
+    x_t = [lalm.tokenizer.decode(P["text_ids"][i][P["text_mask"][i].bool()]) for i in range(2)]
+    assert "Say the letter." not in x_a[0] + x_t[0] and "Say the letter." in x_a[1] and "Say the letter." in x_t[1]
+    assert rows[0]["text"] in x_t[0] and rows[0]["text"] not in x_a[0]
+
+
+def test_rewards_with_the_ground_truth_read_the_row_as_evaluation_does():
+    """--reward_ref answer with the rule judge scores a rollout by judge.score_row on its row (letters in any form,
+    option texts); the bare-answer path (no rows: a custom judge) is unchanged."""
+    import cord
+    from judge import RuleJudge
+    judges = (RuleJudge(), RuleJudge(ground_truth=True))
+    completions = ["The answer is C, Pavlov.", "Ivan Pavlov", "A or C", "The answer is B."]
+    rows = [PAVLOV] * 4
+    r = cord.rewards_for(judges, completions, [None] * 4, ["C"] * 4, "answer", rows)
+    assert r.tolist() == [1, 1, 0, 0] == [float(score_row(c, row)) for c, row in zip(completions, rows)]
+    assert cord.rewards_for(judges, completions, completions, ["C"] * 4, "both", rows).tolist() == [1, 1, 0, 0]
+    assert cord.rewards_for(judges, completions, [None] * 4, ["C"] * 4, "answer").tolist()[1] == 0  # no rows
