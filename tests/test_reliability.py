@@ -319,6 +319,23 @@ def test_ctrl_c_during_training_is_one_line_keeps_nothing_half_written_and_resum
     assert plumbing.last_checkpoint(run) == run / "checkpoint-000004"
 
 
+def test_run_lock_turns_a_full_disk_or_ctrl_c_anywhere_into_one_line(tmp_path):
+    """E.g. metrics.jsonl's write failing with ENOSPC, or Ctrl-C during --eval (nothing of a run in the folder)."""
+    import errno
+
+    with pytest.raises(SystemExit, match=r"^disk full while writing into .*; nothing half-written is kept; rerun"):
+        with plumbing.RunLock(tmp_path / "a"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(SystemExit, match=r"^interrupted \(Ctrl-C\); nothing half-written is kept; rerun the same "):
+        with plumbing.RunLock(tmp_path / "b"):
+            (tmp_path / "b/.tmp-final").mkdir()
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == []  # no lock, no half-written folder
+    with pytest.raises(ValueError, match="other errors pass"):
+        with plumbing.RunLock(tmp_path / "c"):
+            raise ValueError("other errors pass")
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
 def test_a_damaged_checkpoint_of_the_same_size_falls_back_to_the_previous_one(tmp_path, speech_data, qwen2_audio_dir,
                                                                                name, capsys):
