@@ -1066,7 +1066,8 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
         if workers > 1 and len(todo) > 1:
             import multiprocessing as mp
             import signal                                     # workers ignore Ctrl-C: the parent stops them
-            pool = mp.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))  # spawn: no forked threads
+            ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
+            pool = mp.get_context("spawn").Pool(workers, signal.signal, ignore_sigint)  # spawn: no forked threads
             results = pool.imap_unordered(_voice_one, todo, chunksize=max(1, min(8, len(todo) // (8 * workers))))
         else:
             results = map(_voice_one, todo)
@@ -1104,7 +1105,8 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
         hours_made = sum(done[i][1] for i in voice_of if i in done) / 3600
         print(f"{manifest}: {len(done)}/{len(examples)} clips ({made} new, {skipped} kept), "
               f"{sum(d for _, d in done.values()) / 3600:.3f} h audio; {attempted - made} failed"
-              + (f", {len(todo) - attempted} not voiced yet (interrupted: rerun to continue)" if attempted < len(todo) else "")
+              + (f", {len(todo) - attempted} not voiced yet (interrupted: rerun to continue)"
+                 if attempted < len(todo) else "")
               + (f" {dict(fails)}" if fails else "")
               + (f"; {made / wall:.2f} clips/s, {hours_made / max(cpu / 3600, 1e-9):.1f} h audio per CPU-hour"
                  f" ({wall:.1f} s wall, {cpu:.1f} s CPU, {workers} workers)" if made else ""))

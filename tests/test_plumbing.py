@@ -41,7 +41,8 @@ def test_corrupted_checkpoint_is_skipped(tmp_path, capsys):
     good, bad = tmp_path / "checkpoint-000002", tmp_path / "checkpoint-000004"
     for d in (good, bad):
         d.mkdir()
-    (good / "state.json").write_text('{"step": 2}'), (good / "optimizer.pt").write_bytes(b"x"), (good / "model.safetensors").write_bytes(b"x")
+    (good / "state.json").write_text('{"step": 2}')
+    (good / "optimizer.pt").write_bytes(b"x"), (good / "model.safetensors").write_bytes(b"x")
     (bad / "state.json").write_text('{"st')  # a partial write
     assert plumbing.last_checkpoint(str(tmp_path)) == good
     assert "checkpoint-000004" in capsys.readouterr().err
@@ -70,7 +71,8 @@ for argv in json.loads(sys.argv[2]):
 
 def _argv(model_dir, manifest, output, *extra, steps=2, batch_size=2):
     return ["--model", str(model_dir), "--data", str(manifest), "--output", str(output), "--steps", str(steps),
-            "--batch_size", str(batch_size), "--group_size", "2", "--max_new_tokens", "5", "--lr", "1e-3", "--chunk_size", "4", *extra]
+            "--batch_size", str(batch_size), "--group_size", "2", "--max_new_tokens", "5", "--lr", "1e-3",
+            "--chunk_size", "4", *extra]
 
 
 def _torchrun(tmp_path, runs, nproc=2, env=None, name="launch"):
@@ -81,11 +83,13 @@ def _torchrun(tmp_path, runs, nproc=2, env=None, name="launch"):
     launcher, pids = tmp_path / "launch.py", tmp_path / f"pids-{name}"
     launcher.write_text(LAUNCHER), pids.mkdir()
     root = Path(cord.__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            str(launcher), str(pids), json.dumps(runs)]
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), pids, tmp_path / f"{name}.log"
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, pids, tmp_path / f"{name}.log"
 
 
 def _kill_ranks(pids):  # SIGKILL every rank (torchrun starts each in its own session)
@@ -123,8 +127,9 @@ def test_dist_two_processes_equal_one_process_on_the_global_batch(tmp_path, spee
     """
     greedy = ("--objective", "cord", "--reward_ref", "answer", "--temperature", "0", "--grpo_temperature", "0",
               "--ref_temperature", "0", "--seed", "1")
-    proc, pids, log = _torchrun(tmp_path, [_argv(qwen2_audio_dir, speech_data, tmp_path / "ddp", *greedy),
-                                        _argv(qwen2_audio_dir, speech_data, tmp_path / "fsdp", *greedy, "--fsdp", "true")])
+    ddp = _argv(qwen2_audio_dir, speech_data, tmp_path / "ddp", *greedy)
+    fsdp = _argv(qwen2_audio_dir, speech_data, tmp_path / "fsdp", *greedy, "--fsdp", "true")
+    proc, pids, log = _torchrun(tmp_path, [ddp, fsdp])
     cord.main(_argv(qwen2_audio_dir, speech_data, tmp_path / "one", *greedy, batch_size=4))  # meanwhile, here
     out = _finish(proc, log, pids)
     assert "global batch: 4 prompts per step = 2 per process x 2 process(es)" in out
@@ -134,12 +139,12 @@ def test_dist_two_processes_equal_one_process_on_the_global_batch(tmp_path, spee
         w = _weights(tmp_path / run)  # fsdp: gathered into the plain save_pretrained layout
         for k in one:
             torch.testing.assert_close(w[k], one[k], atol=5e-5, rtol=0, msg=f"{run}: {k}")
-        assert _logged(tmp_path / run) == pytest.approx(_logged(tmp_path / "one"), rel=1e-3)  # rank 0 logs the mean, once
-        # the norm of the synchronised gradient: a sum over ranks (not a mean) would double it; AdamW alone would not tell
+        assert _logged(tmp_path / run) == pytest.approx(_logged(tmp_path / "one"), rel=1e-3)  # rank 0 logs the mean
+        # the norm of the synchronised gradient: a sum over ranks (not a mean) would double it; AdamW would not tell
         assert _logged(tmp_path / run, "grad_norm") == pytest.approx(_logged(tmp_path / "one", "grad_norm"), rel=1e-3)
         ckpt = tmp_path / run / "checkpoint-000002"
         assert len(torch.load(ckpt / "rng.pt", weights_only=True)) == 2  # one RNG state per rank
-    model = cord.load_lalm(str(tmp_path / "fsdp/checkpoint-000002")).model  # plain transformers loads the FSDP checkpoint
+    model = cord.load_lalm(str(tmp_path / "fsdp/checkpoint-000002")).model  # plain transformers loads FSDP's
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
 
 
@@ -156,7 +161,8 @@ def test_dist_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, s
     write; a corrupted checkpoint is skipped; the resumed run ends on the uninterrupted run's weights
     and losses, so optimizer shards and each rank's RNG stream came back exactly."""
     run = tmp_path / "run"
-    argv = lambda out: _argv(qwen2_audio_dir, speech_data, out, "--fsdp", "true", "--save_every", "2", "--seed", "3", steps=4)
+    def argv(out):
+        return _argv(qwen2_audio_dir, speech_data, out, "--fsdp", "true", "--save_every", "2", "--seed", "3", steps=4)
     args = argv(run)
     # (a) SIGKILL every rank as soon as step 3 is logged (checkpoint-000002 exists; step 4 is under way)
     proc, pids, log = _torchrun(tmp_path, [args], name="a")
@@ -164,8 +170,9 @@ def test_dist_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, s
     _kill_ranks(pids)
     _finish(proc, log, pids, ok=False)
     assert (run / "checkpoint-000002/state.json").is_file()
-    # (b) resume; rank 0 is killed (the launcher patches plumbing.publish) after writing checkpoint 4, before renaming it
-    proc, pids, log = _torchrun(tmp_path, [args + ["--resume", "true"]], env={"KILL_BEFORE_PUBLISHING": "checkpoint-000004"}, name="b")
+    # (b) resume; rank 0 is killed (the launcher patches plumbing.publish) after writing checkpoint 4, before renaming
+    kill = {"KILL_BEFORE_PUBLISHING": "checkpoint-000004"}
+    proc, pids, log = _torchrun(tmp_path, [args + ["--resume", "true"]], env=kill, name="b")
     assert "resumed from" in _finish(proc, log, pids, ok=False)
     assert (run / ".tmp-checkpoint-000004/state.json").is_file() and not (run / "checkpoint-000004").exists()
     # a newer checkpoint with a truncated weights file must be skipped, with its name in the message
@@ -183,7 +190,7 @@ def test_dist_sigkill_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, s
     resumed, ref = _weights(run), _weights(tmp_path / "ref")
     for k in ref:
         torch.testing.assert_close(resumed[k], ref[k], atol=1e-6, rtol=0, msg=k)
-    assert _logged(run) == pytest.approx(_logged(tmp_path / "ref"), rel=1e-6)  # 4 lines: the killed steps' lines dropped
+    assert _logged(run) == pytest.approx(_logged(tmp_path / "ref"), rel=1e-6)  # 4 lines: the killed steps' dropped
     assert not list(run.glob(".tmp-*"))
 
 
@@ -198,9 +205,11 @@ def test_an_output_holding_a_run_is_never_overwritten_by_accident(tmp_path, spee
         run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", steps=1)  # the same command again
     assert (tmp_path / "run/metrics.jsonl").read_text() == first  # untouched
     with pytest.raises(SystemExit, match="no complete checkpoint in .*typo"):  # --resume with a mistyped --output
-        cord.main(["--model", str(qwen2_audio_dir), "--data", str(speech_data), "--output", str(tmp_path / "typo"), "--resume", "true"])
+        cord.main(["--model", str(qwen2_audio_dir), "--data", str(speech_data), "--output", str(tmp_path / "typo"),
+                   "--resume", "true"])
     (tmp_path / "run/notes.txt").write_text("mine")
-    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--overwrite", "true", "--save_every", "5", steps=2)
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--overwrite", "true", "--save_every", "5",
+             steps=2)
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names == ["checkpoint-000002", "final", "metrics.jsonl", "notes.txt"]  # the old checkpoint-000001 is gone
     assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 2
@@ -212,7 +221,8 @@ def test_prepare_output_unwritable_folder_is_one_line(tmp_path):
         plumbing.prepare_output(str(tmp_path / "file" / "run"), resume=False, overwrite=False)
 
 
-def test_a_non_finite_step_is_never_applied_and_three_in_a_row_stop(tmp_path, speech_data, qwen2_audio_dir, monkeypatch, capsys):
+def test_a_non_finite_step_is_never_applied_and_three_in_a_row_stop(tmp_path, speech_data, qwen2_audio_dir, monkeypatch,
+                                                                     capsys):
     real, calls = cord.weighted_token_loss, []
 
     def poisoned(D, *a, **kw):  # step 1 (and with `always`, every step) gets a NaN loss
@@ -225,8 +235,9 @@ def test_a_non_finite_step_is_never_applied_and_three_in_a_row_stop(tmp_path, sp
     final = run_main(tmp_path / "a", qwen2_audio_dir, speech_data, "--objective", "opd", "--save_every", "1", steps=2)
     start = load_file(str(qwen2_audio_dir / "model.safetensors"))
     after1, after2 = load_file(str(tmp_path / "a/run/checkpoint-000001/model.safetensors")), _weights(final.parent)
-    assert all(torch.equal(after1[k], start[k]) for k in start)  # the NaN step changed nothing, so nothing NaN was saved
-    assert any(not torch.equal(after2[k], start[k]) for k in start) and all(torch.isfinite(v).all() for v in after2.values())
+    assert all(torch.equal(after1[k], start[k]) for k in start)  # the NaN step changed nothing: nothing NaN saved
+    assert any(not torch.equal(after2[k], start[k]) for k in start)
+    assert all(torch.isfinite(v).all() for v in after2.values())
     err = capsys.readouterr().err
     assert "skipped a step with a non-finite loss" in err and "examples: q" in err  # names the batch's ids
     always = True
@@ -236,7 +247,8 @@ def test_a_non_finite_step_is_never_applied_and_three_in_a_row_stop(tmp_path, sp
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, speech_data, qwen2_audio_dir):
-    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--save_every", "1", "--save_total_limit", "2", steps=3)
+    limit = ("--save_every", "1", "--save_total_limit", "2")
+    run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", *limit, steps=3)
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
 
 
@@ -260,7 +272,8 @@ def test_summarize_evaluations_tables_each_set_the_mean_gap_reduction_and_catego
     """eval.jsonl -> eval.md: first vs last evaluation per set; the mean gap reduction over the speech sets only
     (computed here by hand: (40-10)/40 = 75 %, (10-5)/10 = 50 % -> 62.5 %); MMAU's accuracy by category; eval.png."""
     at = lambda step, name, n, text, audio, red=None, cats=None: {
-        "step": step, "set": name, "n": n, "acc_text": text, "acc_audio": audio, "gap": None if text is None else text - audio,
+        "step": step, "set": name, "n": n, "acc_text": text, "acc_audio": audio,
+        "gap": None if text is None else text - audio,
         "gap_reduction": red, "acc_audio_by_category": cats}
     lines = [at(0, "data/mmsu/manifest.jsonl", 10, 80.0, 40.0), at(0, "data/gsm8k.jsonl", 5, 60.0, 50.0),
              at(0, "data/mmau/manifest.jsonl", 4, None, 50.0, cats={"music": 0.0, "sound": 100.0}),
@@ -295,4 +308,5 @@ def test_report_to_tensorboard_writes_event_files_and_a_resumed_run_replaces_lat
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 1.0), (3, 9.0)]
     assert events.Scalars("eval/mmau/acc_audio") == []  # purged with step 3 (the resumed run evaluates again)
-    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.5, 1.0, 9.0]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["loss"] for line in lines] == [0.5, 1.0, 9.0]
