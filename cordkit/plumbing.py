@@ -440,8 +440,8 @@ def load_training_state(model, opt, ckpt: Path, fsdp: bool) -> int:
 # flags that may differ between a run and the checkpoint it resumes; every other one defines the experiment
 MAY_CHANGE_ON_RESUME = {"steps", "save_every", "save_total_limit", "eval", "eval_data", "eval_every", "eval_limit",
                         "eval_batch_size", "baseline", "output", "resume", "overwrite", "threads", "device",
-                        "report_to", "lr", "chunk_size", "compile_rollout", "gradient_checkpointing", "compare",
-                        "compare_seeds", "compare_objectives", "fsdp"}  # fsdp: load_training_state says it
+                        "report_to", "lr", "chunk_size", "compile_rollout", "gradient_checkpointing",
+                        "trust_remote_code", "fsdp"}  # fsdp: load_training_state names it
 
 
 def _same(a, b) -> bool:
