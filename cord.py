@@ -62,7 +62,6 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import judge as judge_lib
-from benchmarks import official
 from cordkit import chunked, evaluation, plumbing
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 from cordkit.manifest import check_durations, load_audio, load_manifest
@@ -727,16 +726,17 @@ def train(lalm: LALM, examples: list[dict], args: Args, eval_sets: Optional[dict
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: every item answered twice (audio, text), greedily; the token-KL analysis of Fig. 3
+# Evaluation: every item answered twice (audio, text), greedily; summaries in cordkit/evaluation.py
 
 
 @torch.no_grad()
 def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str] = None,
              baseline: Optional[dict] = None, kl: bool = True) -> dict:
-    """acc_text, acc_audio, gap = acc_text - acc_audio, gap reduction vs a baseline, KL statistics (kl=True); each
-    completion scored by judge.score_row, and the benchmark's own metric beside (benchmarks/official.py)."""
+    """Every item answered greedily twice, on its audio (x_a) and on its transcript (x_t); each completion scored
+    by judge.score_row -> evaluation.summarize: acc_text, acc_audio, gap = acc_text - acc_audio, the gap reduction
+    vs a baseline, the benchmark's own metric beside ours, and (kl=True) the token-KL statistics of Fig. 3."""
     lalm.model.eval()
-    items, D_all, D_pos, tok_kl = [], [], {}, {}
+    items, token_kl = [], []
     for i in tqdm(range(0, len(examples), args.eval_batch_size), desc="eval", dynamic_ncols=True):
         batch = examples[i:i + args.eval_batch_size]
         prompts = build_prompts(lalm, batch, args.instruction, args.system_prompt)
@@ -750,52 +750,13 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
             D = kl_maybe_chunked(completion_logits(lalm, x_a, prompts["audio_mask"], y_a, m_a),
                                  completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size)
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
-            answer = None if ex.get("answer") is None else str(ex["answer"])
-            d = d[m].float().cpu()
-            D_all.append(d)
-            for t, (v, tok) in enumerate(zip(d.tolist(), y[m].tolist())):
-                D_pos.setdefault(t, []).append(v)
-                tok_kl.setdefault(tok, []).append(v)
-            items.append({"id": ex["id"], "category": ex.get("category"), "answer": answer, "audio_completion": ca,
-                          "text_completion": ct, "audio_correct": judge_lib.score_row(ca, ex),
+            token_kl.append((d[m].float().cpu(), y[m].tolist()))  # D_t and y_t along the audio rollout
+            items.append({"id": ex["id"], "category": ex.get("category"),
+                          "answer": None if ex.get("answer") is None else str(ex["answer"]),
+                          "audio_completion": ca, "text_completion": ct, "audio_correct": judge_lib.score_row(ca, ex),
                           "text_correct": judge_lib.score_row(ct, ex) if ex.get("text") else None,
-                          "kl_mean": d.mean().item() if len(d) else 0.0})
-
-    def acc(key, category=None):  # % right over the items scored on that side (of that category); None if none
-        verdicts = [it[key] for it in items if it[key] is not None and category in (None, it["category"])]
-        return 100.0 * sum(verdicts) / len(verdicts) if verdicts else None
-
-    s = {"n": len(items), "n_scored": sum(it["answer"] is not None for it in items),
-         "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
-    scored = s["acc_text"] is not None and s["acc_audio"] is not None
-    s["gap"] = s["acc_text"] - s["acc_audio"] if scored else None
-    if scored and baseline and (baseline.get("gap") or 0) > 0:  # no gap to close at the baseline: no reduction
-        s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
-    if any(it["category"] for it in items):  # e.g. MMAU: sound, music, speech
-        categories = sorted({it["category"] for it in items if it["category"]})
-        s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in categories}
-    s.update(official.official_summary(examples, items))  # the benchmark's own metric; {} for other data
-    s.update(kl_statistics(torch.cat(D_all) if D_all else torch.zeros(1), D_pos, tok_kl, lalm.tokenizer))
-    if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-        (Path(out_dir) / "summary.json").write_text(json.dumps(s, indent=1))
-    return s
-
-
-def kl_statistics(D, D_pos: dict, tok_kl: dict, tokenizer) -> dict:
-    """The paper's Fig. 3 analysis of D_t (n tokens,): quantiles, mean by position and the position-KL correlation,
-    the tokens of highest mean KL."""
-    pos = np.array([float(t) for t in sorted(D_pos) for _ in D_pos[t]])  # (n tokens,)
-    val = np.array([v for t in sorted(D_pos) for v in D_pos[t]])  # (n tokens,)
-    s = {f"kl_p{q}": torch.quantile(D, q / 100).item() for q in (50, 80, 95)}
-    s["kl_mean"] = D.mean().item()
-    s["kl_by_position"] = [float(np.mean(D_pos[t])) for t in sorted(D_pos) if len(D_pos[t]) >= 5]
-    varied = len(pos) > 2 and pos.std() > 0 and val.std() > 0  # else the correlation is undefined
-    s["kl_position_corr"] = float(np.corrcoef(pos, val)[0, 1]) if varied else 0.0
-    top = sorted(((np.mean(v), t) for t, v in tok_kl.items() if len(v) >= 5), reverse=True)[:15]
-    s["top_kl_tokens"] = [[tokenizer.decode([t]), round(float(v), 4)] for v, t in top]
-    return s
+                          "kl_mean": d[m].float().mean().item() if m.any() else 0.0})
+    return evaluation.summarize(items, examples, token_kl, lalm.tokenizer, baseline, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------

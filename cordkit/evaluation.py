@@ -1,6 +1,7 @@
-"""Evaluation reporting for cord.py's training loop: eval.jsonl per step, eval.md (first vs last) and eval.png.
+"""Evaluation summaries and reports: cord.evaluate's items -> acc, gap, gap reduction, the official metric, Fig. 3's
+token-KL statistics (summary.json); during training, eval.jsonl per step, eval.md (first vs last) and eval.png.
 
-Standalone (never imports cord): `evaluate` is passed in as a function.
+Standalone (never imports cord): cord.evaluate hands over plain items; log_evaluations gets `evaluate` as a function.
 """
 import json
 import sys
@@ -8,8 +9,66 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
+from benchmarks.official import official_summary
 from cordkit.plumbing import MetricsLog, rank_world
+
+
+def summarize(items: list[dict], rows: list[dict], token_kl: list, tokenizer, baseline: Optional[dict] = None,
+              out_dir: Optional[str] = None) -> dict:
+    """The evaluation protocol on scored items (one per manifest row: audio_correct, text_correct as True / False /
+    None, category) -> acc_text, acc_audio (% right over the items scored on that side), gap = acc_text - acc_audio,
+    gap reduction = (gap_base - gap) / gap_base, accuracy by category, the benchmark's own metric beside ours, and
+    the KL statistics of `token_kl` ((D_t, y_t) per item). Written to out_dir/summary.json and items.jsonl.
+
+    >>> items = [{"audio_correct": a, "text_correct": True, "category": None, "answer": "1"} for a in (True, False)]
+    >>> s = summarize(items, [{}, {}], [], None, baseline={"gap": 100.0})
+    >>> s["acc_text"], s["acc_audio"], s["gap"], s["gap_reduction"]
+    (100.0, 50.0, 50.0, 0.5)
+    """
+    def acc(key, category=None):  # % right over the items scored on that side (of that category); None if none
+        verdicts = [it[key] for it in items if it[key] is not None and category in (None, it["category"])]
+        return 100.0 * sum(verdicts) / len(verdicts) if verdicts else None
+
+    s = {"n": len(items), "n_scored": sum(it["answer"] is not None for it in items),
+         "acc_text": acc("text_correct"), "acc_audio": acc("audio_correct")}
+    scored = s["acc_text"] is not None and s["acc_audio"] is not None
+    s["gap"] = s["acc_text"] - s["acc_audio"] if scored else None
+    if scored and baseline and (baseline.get("gap") or 0) > 0:  # no gap to close at the baseline: no reduction
+        s["gap_reduction"] = (baseline["gap"] - s["gap"]) / baseline["gap"]  # (gap_base - gap) / gap_base
+    if any(it["category"] for it in items):  # e.g. MMAU: sound, music, speech
+        categories = sorted({it["category"] for it in items if it["category"]})
+        s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in categories}
+    s.update(official_summary(rows, items))  # the benchmark's own metric; {} for other data
+    if token_kl:
+        s.update(kl_statistics(token_kl, tokenizer))
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+        (Path(out_dir) / "summary.json").write_text(json.dumps(s, indent=1))
+    return s
+
+
+def kl_statistics(token_kl: list, tokenizer) -> dict:
+    """The paper's Fig. 3 analysis of D_t over (D (T_i,), token ids) per audio rollout: quantiles, the mean by
+    position and the position-KL correlation, the tokens of highest mean KL (each seen >= 5 times)."""
+    D_pos, tok_kl = {}, {}  # position -> D values; token id -> D values
+    for d, tokens in token_kl:
+        for t, (v, tok) in enumerate(zip(d.tolist(), tokens)):
+            D_pos.setdefault(t, []).append(v)
+            tok_kl.setdefault(tok, []).append(v)
+    D = torch.cat([d for d, _ in token_kl]) if D_pos else torch.zeros(1)  # (n tokens,)
+    pos = np.array([float(t) for t in sorted(D_pos) for _ in D_pos[t]])  # (n tokens,)
+    val = np.array([v for t in sorted(D_pos) for v in D_pos[t]])  # (n tokens,)
+    s = {f"kl_p{q}": torch.quantile(D, q / 100).item() for q in (50, 80, 95)}
+    s["kl_mean"] = D.mean().item()
+    s["kl_by_position"] = [float(np.mean(D_pos[t])) for t in sorted(D_pos) if len(D_pos[t]) >= 5]
+    varied = len(pos) > 2 and pos.std() > 0 and val.std() > 0  # else the correlation is undefined
+    s["kl_position_corr"] = float(np.corrcoef(pos, val)[0, 1]) if varied else 0.0
+    top = sorted(((np.mean(v), t) for t, v in tok_kl.items() if len(v) >= 5), reverse=True)[:15]
+    s["top_kl_tokens"] = [[tokenizer.decode([t]), round(float(v), 4)] for v, t in top]
+    return s
 
 
 def log_evaluations(evaluate: Callable, sets: dict, output: str, step: int,
