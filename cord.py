@@ -62,7 +62,7 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 import judge as judge_lib
-from cordkit import chunked, evaluation, plumbing
+from cordkit import chunked, evaluation, plumbing, rollout
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 from cordkit.manifest import check_durations, load_audio, load_manifest
 
@@ -125,6 +125,8 @@ class Args:
     chunk_size: Optional[int] = arg(32, "positions per chunk of the exact KL (cordkit/chunked.py); 0 = the reference")
     compile_rollout: Literal["auto", "on", "off"] = arg(
         "auto", "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA")
+    merge_lora: Literal["auto", "on", "off"] = arg(
+        "auto", "--train lora rollouts decode with W + s B A folded in (cordkit/rollout.py); auto = on CUDA")
     save_every: int = arg(100, "checkpoint every this many steps")
     long_audio: Literal["refuse", "drop", "cut"] = arg(
         "refuse", "clips over the encoder's window: cut = it hears their start")
@@ -642,7 +644,7 @@ def train_step(lalm: LALM, teacher: Teacher, judge, examples: list[dict], args: 
     lalm.model.train()
     with clock("t_student"):  # the one audio-encoder call of the step; its graph is kept for backward
         x_a = embed_prompts(lalm, prompts["audio_ids"], prompts["features"], prompts["feature_mask"])  # (B, S_a, C)
-    with clock("t_rollout"):  # 1.
+    with clock("t_rollout"), rollout.merged_lora(lalm.model, args.merge_lora, lalm.device):  # 1.
         ro = rollouts(lalm, x_a.detach(), prompts, args, use_tok, use_seq)
     metrics = {"rollout_tokens": ro.tokens} if ro.tokens else {}
     A, h_t, W_t = None, None, None  # what the objective does not use stays None

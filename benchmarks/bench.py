@@ -7,16 +7,23 @@
     python -m benchmarks.bench --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936, T = 512, B = 2
     python -m benchmarks.bench --judge                                  # RuleJudge on 1,000 pairs
     python -m benchmarks.bench --sampler --max-new-tokens 200           # cord.sample alone: eager vs fast (tokens/s, greedy rows)
+    python -m benchmarks.bench --sampler --lora --samplers eager,fast,fast+merged,fast+merged+b4 --profile prof.txt
+                                     # + LoRA merged for the rollout, + cache read in 4 buckets; torch.profiler tables
+    bash benchmarks/gpu_rollout.sh                                      # the 7B LoRA rollout figures, one GPU script
 
 Step mode prints the time split (rollout / judge / teacher / student fwd+bwd / optimizer), the
 overhead = step - (rollout + teacher + student + optimizer), rollout tokens/s and peak memory, and
 the decode loop: ms per decode step (a sampler call's time over its steps, prefill included) against
-the memory-bandwidth limit, the time to read the weights a step needs once (decoder layers + head).
+the honest floor, the time to read once what a step must read: the weights (decoder layers + head) and the live
+KV cache (every row's prompt and tokens so far); the weights alone are reported beside it.
 Loss-memory mode runs each variant in a fresh process and reports its peak memory (CUDA peak
 on a GPU, process max-RSS on CPU) and the ratio; values and gradients are checked to agree.
 """
 import argparse
+import contextlib
+import functools
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -30,6 +37,7 @@ import torch
 import cord
 from cordkit import chunked
 from cordkit import plumbing
+from cordkit import rollout
 from cordkit.families import LALM, qwen2_audio_features
 
 # Qwen2-Audio-7B-Instruct's configuration (config.json of the released model), for random-init timing.
@@ -154,7 +162,8 @@ def judge_bench(n: int = 1000) -> dict:
 
 
 class DecodeTimer:
-    """Stands in for cord.sample: records (decode steps, rows, seconds, cache columns S + T, tokens) per call, synchronised on CUDA."""
+    """Stands in for cord.sample: records (decode steps, rows, seconds, prompt columns S, tokens, T asked) per call,
+    synchronised on CUDA."""
 
     def __init__(self, sample, device):
         self.sample, self.device, self.calls = sample, device, []
@@ -165,7 +174,8 @@ class DecodeTimer:
         clock = time.perf_counter()
         y, m = self.sample(*args, **kwargs)
         sync()
-        self.calls.append((y.shape[1], y.shape[0], time.perf_counter() - clock, args[1].shape[1] + args[5], int(m.sum())))
+        seconds = time.perf_counter() - clock
+        self.calls.append((y.shape[1], y.shape[0], seconds, args[1].shape[1], int(m.sum()), args[5]))
         return y, m
 
 
@@ -182,17 +192,38 @@ def kv_bytes_per_token(lalm) -> int:  # keys + values of one position in every l
     return 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim * p.element_size()
 
 
+def live_kv_positions(S: int, steps: int) -> int:  # positions a row's decode steps read in all, over one call
+    """Decode step i (0-based) writes column S + i and reads the S prompt columns and the i + 1 written so far:
+    sum over i < steps of (S + i + 1) = steps * S + steps * (steps + 1) / 2."""
+    return steps * S + steps * (steps + 1) // 2
+
+
+BANDWIDTH_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0}  # HBM, GB/s
+
+
+def default_bandwidth_gbs(device_name: str):  # the data-sheet HBM bandwidth of a known GPU, else None
+    return next((v for k, v in BANDWIDTH_GBS.items() if k in device_name), None)
+
+
 def bandwidth_figures(calls, weight_bytes: int, kv_per_token: int, bandwidth_gbs) -> dict:
-    """ms per decode step against the time to read the weights once (the issue's limit); the static KV cache
-    (rows x (S + T) positions, read whole by every fast-path step) is reported beside it, not in the limit."""
-    steps, rows, seconds = (sum(c[i] for c in calls) for i in range(3))
-    kv = sum(c[1] * c[3] for c in calls) * kv_per_token / max(len(calls), 1)  # bytes, mean per call
+    """ms per decode step against the honest floor: each step reads, once, the weights (decoder layers + head) and
+    the live KV cache (every row's filled positions: prompt + tokens so far), at the device's bandwidth.
+
+    calls: (steps, rows, seconds, S, tokens, T) per sampler call. The floor is what an exact decoder must read;
+    the fast path's static cache (rows x (S + T) positions, allocated whole) is reported beside it.
+    """
+    steps, seconds = sum(c[0] for c in calls), sum(c[2] for c in calls)
+    kv = sum(c[1] * live_kv_positions(c[3], c[0]) for c in calls) * kv_per_token / max(steps, 1)  # B per step, mean
+    static = sum(c[1] * (c[3] + c[5]) for c in calls) * kv_per_token / max(len(calls), 1)  # B, mean per call
     out = {"decode_steps": steps, "decode_ms_per_step": round(1000 * seconds / steps, 2) if steps else None,
-           "decode_weight_gb": round(weight_bytes / 1e9, 3), "static_kv_cache_gb": round(kv / 1e9, 3), "bandwidth_gbs": bandwidth_gbs}
+           "decode_weight_mb": round(weight_bytes / 1e6, 6), "live_kv_mb_per_step": round(kv / 1e6, 6),
+           "static_kv_cache_mb": round(static / 1e6, 6), "bandwidth_gbs": bandwidth_gbs}
     if bandwidth_gbs and steps:
-        limit_ms = 1000 * weight_bytes / (bandwidth_gbs * 1e9)  # one read of the weights per step
-        out.update(bandwidth_limit_ms_per_step=round(limit_ms, 3), x_bandwidth_limit=round(1000 * seconds / steps / limit_ms, 2),
-                   bandwidth_limit_tokens_per_s=round(rows / len(calls) / limit_ms * 1000))  # rows per call, every step
+        floor_ms = 1000 * (weight_bytes + kv) / (bandwidth_gbs * 1e9)  # weights + live cache, read once per step
+        rows = sum(c[0] * c[1] for c in calls) / steps  # rows per step, mean
+        out.update(floor_ms_per_step=round(floor_ms, 4), x_floor=round(1000 * seconds / steps / floor_ms, 2),
+                   floor_tokens_per_s=round(rows / floor_ms * 1000),
+                   weights_only_ms_per_step=round(1000 * weight_bytes / (bandwidth_gbs * 1e9), 4))  # the old limit
     return out
 
 
@@ -246,38 +277,112 @@ def bench_setup(a):  # -> lalm, `a.prompts` examples of `a.seconds` of noise, bu
     return lalm, examples, build_s
 
 
+def sampler_mode(name: str) -> dict:  # "eager" | "fast" [+merged] [+b<n>] -> cord.sample's fast, merge, buckets
+    parts = name.split("+")
+    if parts[0] not in ("eager", "fast") or any(p != "merged" and not re.fullmatch(r"b\d+", p) for p in parts[1:]):
+        raise SystemExit(f"--samplers: {name!r} is not eager | fast, optionally +merged and +b<n> (cache buckets)")
+    buckets = next((int(p[1:]) for p in parts[1:] if p.startswith("b")), 1)
+    return {"fast": "on" if parts[0] == "fast" else "off", "merge": "on" if "merged" in parts else "off",
+            "buckets": buckets}
+
+
+@contextlib.contextmanager
+def sampler_setup(lalm, merge: str, buckets: int):  # inside, cord.sample decodes merged and/or with cache buckets
+    static_sample = chunked.static_sample
+    chunked.static_sample = functools.partial(static_sample, buckets=buckets)  # cord.sample calls it by this name
+    try:
+        with rollout.merged_lora(lalm.model, merge, lalm.device):
+            yield
+    finally:
+        chunked.static_sample = static_sample
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_sampler(lalm, x, mask, taus, T: int, mode: dict, path: str):
+    """torch.profiler over one cord.sample call of T tokens in `mode` (a few replayed decode steps after the
+    prefill and the capture), then the same call uncaptured (graph=False: every kernel of the step by name);
+    the top kernels by device time (CPU time on a CPU) go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = lalm.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"  # table() reads cuda as device (torch >= 2.4)
+    out = [f"# cord.sample, {len(taus)} rows per prompt x {x.shape[0]} prompts, S = {x.shape[1]}, T = {T}, {mode}"]
+    static_sample = chunked.static_sample
+    for title, graph in (("graph replay", None), ("uncaptured (graph=False)", False)):
+        try:
+            with sampler_setup(lalm, mode["merge"], mode["buckets"]):
+                chunked.static_sample = functools.partial(chunked.static_sample, graph=graph)
+                cord.sample(lalm, x, mask, len(taus), taus, T, fast=mode["fast"])  # warm (allocator, capture path)
+                sync(lalm.device)
+                with profile(activities=activities) as prof:
+                    cord.sample(lalm, x, mask, len(taus), taus, T, fast=mode["fast"])
+                    sync(lalm.device)
+            out += [f"\n## {title}: top 30 by {key}\n", prof.key_averages().table(sort_by=key, row_limit=30)]
+        except RuntimeError as e:  # a profiler that cannot see inside a graph capture must not lose the other table
+            out += [f"\n## {title}: failed: {e}\n"]
+        finally:
+            chunked.static_sample = static_sample
+    Path(path).write_text("\n".join(out))
+    print(f"profile -> {path}", flush=True)
+
+
 def sampler_bench(a) -> dict:
-    """--sampler: cord.sample alone as rollouts() calls it (B prompts x (1 + G) rows at tau 1.0 / 1.5), eager
-    (off) then fast (on), `a.steps` timed calls each after one warm-up; then both samplers' greedy rows (n = 1)."""
+    """--sampler: cord.sample alone as rollouts() calls it (B prompts x (1 + G) rows at tau 1.0 / 1.5), each of
+    --samplers (eager, fast, fast+merged, ...) in turn, `a.steps` timed calls each after one warm-up (a merged
+    sampler merges before every call, timed apart as merge_ms); then each sampler's greedy rows (n = 1) against
+    the first's."""
     lalm, examples, build_s = bench_setup(a)
     if a.lora:
         cord.configure_trainable(lalm, "lora")
     lalm.model.eval()
     device, taus, T = lalm.device, [1.0] + [1.5] * a.group_size, a.max_new_tokens
-    out = {"model": a.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": a.dtype,
-           "prompts": a.prompts, "rows": a.prompts * len(taus), "max_new_tokens": T, "lora": a.lora, "build_s": round(build_s, 1)}
-    if a.bandwidth_gbs is None and device.type == "cuda" and "H200" in torch.cuda.get_device_name():
-        a.bandwidth_gbs = 4800.0  # H200 SXM: 4.8 TB/s HBM3e
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    out = {"model": a.model, "device": name, "dtype": a.dtype, "prompts": a.prompts, "rows": a.prompts * len(taus),
+           "max_new_tokens": T, "lora": a.lora, "build_s": round(build_s, 1)}
+    a.bandwidth_gbs = a.bandwidth_gbs or default_bandwidth_gbs(name)
+    samplers = (a.samplers or "eager,fast" + ",fast+merged" * a.lora).split(",")
+    greedy = {}
     with torch.no_grad():
         P = cord.build_prompts(lalm, examples, cord.Args.instruction)
         x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])  # (B, S, C)
-        for mode in ("off", "on"):
-            timer = DecodeTimer(cord.sample, device)
+        for label in samplers:
+            mode, timer, merge_s = sampler_mode(label), DecodeTimer(cord.sample, device), []
             for _ in range(1 + a.steps):
-                timer(lalm, x, P["audio_mask"], len(taus), taus, T, fast=mode)
+                sync(device)
+                clock = time.perf_counter()
+                with sampler_setup(lalm, mode["merge"], mode["buckets"]):
+                    sync(device)
+                    merge_s.append(time.perf_counter() - clock)
+                    timer(lalm, x, P["audio_mask"], len(taus), taus, T, fast=mode["fast"])
             calls = timer.calls[1:]
             r = bandwidth_figures(calls, decode_weight_bytes(lalm), kv_bytes_per_token(lalm), a.bandwidth_gbs)
             r["rollout_tokens_per_s"] = round(sum(c[4] for c in calls) / sum(c[2] for c in calls), 1)
             r["seconds_per_call"] = round(sum(c[2] for c in calls) / len(calls), 3)
-            out[mode] = r
-            print(json.dumps({mode: r}), flush=True)
-        (y0, m0), (y1, m1) = (cord.sample(lalm, x, P["audio_mask"], 1, 0.0, T, fast=mode) for mode in ("off", "on"))
-    n = min(y0.shape[1], y1.shape[1])
-    same = ((y0[:, :n] == y1[:, :n]) | ~(m0[:, :n] | m1[:, :n])).cumprod(1).sum(1)  # (B,) tokens equal before the first difference
-    out["greedy_rows_equal"] = f"{int((same == n).sum())}/{len(same)}"
-    out["greedy_tokens_equal_before_first_difference"] = same.tolist()
-    out["speedup"] = round(out["on"]["rollout_tokens_per_s"] / out["off"]["rollout_tokens_per_s"], 2)
+            r["merge_ms"] = round(1000 * float(np.mean(merge_s[1:])), 1)
+            out[label] = r
+            print(json.dumps({label: r}), flush=True)
+            with sampler_setup(lalm, mode["merge"], mode["buckets"]):
+                greedy[label] = cord.sample(lalm, x, P["audio_mask"], 1, 0.0, T, fast=mode["fast"])
+    y0_label = samplers[0]
+    y0, m0 = greedy[y0_label]
+    for label in samplers[1:]:
+        y1, m1 = greedy[label]
+        n = min(y0.shape[1], y1.shape[1])
+        same = ((y0[:, :n] == y1[:, :n]) | ~(m0[:, :n] | m1[:, :n])).cumprod(1).sum(1)  # (B,) equal up to a difference
+        out[label].update(greedy_rows_equal=f"{int((same == n).sum())}/{len(same)} of {samplers[0]}'s",
+                          greedy_tokens_equal_before_first_difference=same.tolist(),
+                          speedup=round(out[label]["rollout_tokens_per_s"] / out[y0_label]["rollout_tokens_per_s"], 2))
     print(json.dumps(out, indent=1))
+    if a.json:  # now: a profiler that takes the process down must not take the timings with it
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    if a.profile:
+        with torch.no_grad():
+            profile_sampler(lalm, x, P["audio_mask"], taus, a.profile_tokens, sampler_mode(samplers[-1]), a.profile)
     return out
 
 
@@ -287,7 +392,8 @@ def step_bench(a) -> dict:
     dtype = torch.bfloat16 if (a.dtype == "bfloat16") else torch.float32
     args = cord.Args(model="bench", objective=a.objective, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                      batch_size=a.prompts, train="lora" if a.lora else "all", gradient_checkpointing=a.gradient_checkpointing,
-                     chunk_size=a.chunk_size, reward_ref="answer", compile_rollout=a.compile_rollout)
+                     chunk_size=a.chunk_size, reward_ref="answer", compile_rollout=a.compile_rollout,
+                     merge_lora=a.merge_lora)
     params = cord.configure_trainable(lalm, args.train, args.lora_r)
     if a.gradient_checkpointing:
         lalm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -297,6 +403,7 @@ def step_bench(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rows, timer = [], DecodeTimer(cord.sample, device)
     cord.sample = timer  # rollouts() calls it by this name
+    chunked.static_sample = functools.partial(chunked.static_sample, buckets=a.buckets)  # cord.sample's fast path
     for step in range(a.warmup + a.steps):
         if step == a.warmup:
             timer.calls.clear()
@@ -318,10 +425,10 @@ def step_bench(a) -> dict:
     new_tokens = mean("rollout_tokens")
     out["rollout_tokens_per_s"] = round(new_tokens / out["t_rollout"], 1) if out["t_rollout"] else None
     out["peak_memory_gb"] = round(peak_memory_mb(device) / 1024, 2)
-    if a.bandwidth_gbs is None and device.type == "cuda" and "H200" in torch.cuda.get_device_name():
-        a.bandwidth_gbs = 4800.0  # H200 SXM: 4.8 TB/s HBM3e
+    if a.bandwidth_gbs is None and device.type == "cuda":
+        a.bandwidth_gbs = default_bandwidth_gbs(torch.cuda.get_device_name())
     out.update(bandwidth_figures(timer.calls, decode_weight_bytes(lalm), kv_bytes_per_token(lalm), a.bandwidth_gbs),
-               compile_rollout=a.compile_rollout)
+               compile_rollout=a.compile_rollout, merge_lora=a.merge_lora, buckets=a.buckets)
     out.update(model=a.model, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
                prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens, lora=a.lora,
                gradient_checkpointing=a.gradient_checkpointing, build_s=round(build_s, 1),
@@ -345,7 +452,16 @@ def main():
     p.add_argument("--lora", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile-rollout", default="auto", choices=["auto", "on", "off"], help="cord.Args.compile_rollout")
-    p.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth, GB/s (default: 4800 on an H200)")
+    p.add_argument("--merge-lora", default="auto", choices=["auto", "on", "off"],
+                   help="cord.Args.merge_lora (step mode)")
+    p.add_argument("--buckets", type=int, default=1,
+                   help="static_sample's cache buckets (step mode; 1 = the whole cache)")
+    p.add_argument("--samplers", default=None, help="--sampler: comma-separated eager | fast [+merged] [+b<n>] "
+                   "(default eager,fast and, with --lora, fast+merged)")
+    p.add_argument("--profile", default=None, help="--sampler: write torch.profiler tables of the last sampler here")
+    p.add_argument("--profile-tokens", type=int, default=12, help="decode steps of the profiled call")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="device memory bandwidth, GB/s (default: the data sheet's for H100 / H200, see BANDWIDTH_GBS)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")

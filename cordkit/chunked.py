@@ -17,6 +17,7 @@ sampler over a pre-allocated KV cache with each decode step replayed as one CUDA
 
 Standalone: imports torch only (never cord); the sampler drives any transformers decoder passed in.
 """
+import functools
 import inspect
 
 import torch
@@ -157,7 +158,8 @@ class StaticKV:
 
     Duck-typed for the transformers decoders: handed its masks as a dict (no mask building) and its
     position ids, a decoder only calls `update`. Every layer writes the current token at column `t`,
-    a (1,) tensor advanced on the device, so a captured graph replays at the right column.
+    a (1,) tensor advanced on the device, so a captured graph replays at the right column, and attention
+    reads the first `width` columns (a Python int, fixed per captured graph: see cache_buckets).
     """
 
     def __init__(self, prefill_layers, n: int, L: int):  # [(keys, values) (B, H_kv, S, D)] per layer
@@ -168,11 +170,28 @@ class StaticKV:
             K[:, :, :S], V[:, :, :S] = k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)
             self.layers.append((K, V))
         self.t = torch.full((1,), S, dtype=torch.long, device=K.device)  # the next column to write
+        self.width = L  # columns attention reads: > t
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (N, H_kv, 1, D) -> (N, H_kv, L, D)
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # (N, H_kv, 1, D) -> (N, H_kv, w, D)
         K, V = self.layers[layer_idx]
         K.index_copy_(2, self.t, key_states), V.index_copy_(2, self.t, value_states)
-        return K, V
+        return K[:, :, :self.width], V[:, :, :self.width]  # views: the unread columns are never touched
+
+
+def cache_buckets(S: int, T: int, n: int) -> list:
+    """The cache widths the T decode steps attend over, n buckets of about T / n steps each, every width a multiple
+    of 16 (aligned rows for the attention kernels' mask); the last is L = S + T rounded up to 16.
+
+    Decode step i writes column S + i and reads columns 0 .. S + i, so it runs at the narrowest width > S + i
+    (width_for_step). n = 1: every step reads all L columns. On CUDA one graph is captured per width.
+    >>> cache_buckets(S=30, T=100, n=4)  # steps 0-33 read 64 columns, 34-49 read 80, 50-81 read 112, 82-99 read 144
+    [64, 80, 112, 144]
+    """
+    return sorted({-(-(S + -(-T * k // n)) // 16) * 16 for k in range(1, n + 1)})
+
+
+def width_for_step(widths: list, S: int, i: int) -> int:  # the narrowest bucket holding column S + i
+    return next(w for w in widths if w > S + i)
 
 
 def sample_tokens(logits, tau):  # (N, V), (N, 1) -> (N,)
@@ -198,28 +217,50 @@ class _Decode:
         self.ys = torch.full((N, T), pad, dtype=torch.long, device=h.device)  # (N, T)
         self.alive = torch.zeros(N, T, dtype=torch.bool, device=h.device)  # (N, T)
 
-    def step(self):  # sample token i = t - S of every row from h, then run the decoder on it -> the next h
+    def step(self, width: int):  # sample token i = t - S of every row from h, run the decoder on it -> the next h
         y = sample_tokens(self.head(self.h).float() + self.bias, self.tau).masked_fill(self.done, self.pad)  # (N,)
         i = self.kv.t - self.S  # (1,)
         self.ys.index_copy_(1, i, y[:, None]), self.alive.index_copy_(1, i, ~self.done[:, None])
         self.done |= (y[:, None] == self.eos).any(-1)
         self.mask.index_fill_(-1, self.kv.t, 0.0)  # column t (token y) becomes visible
         self.pos += 1
-        out = self.decoder(input_ids=y[:, None], attention_mask={"full_attention": self.mask}, position_ids=self.pos,
-                           use_cache=True, **self.kw)
+        self.kv.width = width  # columns 0 .. width - 1 (> t): the filled ones and at most a bucket more
+        out = self.decoder(input_ids=y[:, None], attention_mask={"full_attention": self.mask[..., :width]},
+                           position_ids=self.pos, use_cache=True, **self.kw)
         self.h.copy_(out.last_hidden_state[:, -1])
         self.kv.t += 1
 
 
-def _capture(step):  # -> replay of step() as one CUDA graph (step has run on this device before)
+def _capture(step, pool=None):  # -> replay of step() as one CUDA graph (step has run on this device before)
     g = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=pool):
             step()
     except RuntimeError as e:  # an op in the model's forward that syncs with the host cannot be captured
         hint = "--compile_rollout off runs eager"
         raise RuntimeError(f"capturing the decode step as a CUDA graph failed ({hint}): {e}") from e
     return g.replay
+
+
+class _Graphed:
+    """One decode step at one cache width: its first `warmup` calls run for real on a side stream (allocator and
+    cuBLAS warm up outside the capture), the next one captures it as a CUDA graph and replays it, later calls
+    replay. The graphs of one call share a memory pool (they replay one after another, in capture order)."""
+
+    def __init__(self, step, warmup: int, pool):
+        self.step, self.warmup, self.pool, self.replay = step, warmup, pool, None
+
+    def __call__(self):
+        if self.replay is None and self.warmup == 0:
+            self.replay = _capture(self.step, self.pool)
+        if self.replay is not None:
+            return self.replay()
+        self.warmup -= 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
 
 
 @torch.no_grad()
@@ -232,14 +273,17 @@ def static_supported(decoder) -> bool:
 
 
 def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int,
-                  eos_ids, suppress_ids, pad_id: int, graph=None, check_every: int = 16, warmup: int = 2):
+                  eos_ids, suppress_ids, pad_id: int, graph=None, check_every: int = 16, warmup: int = 2,
+                  buckets: int = 1):
     """cord.sample's rollouts (same arguments, semantics and return) with a static KV cache and no host sync per token.
 
     The prefill is cord.sample's; its keys/values are copied n times into a StaticKV of S + T columns (or a few more).
     Each decode step (sample from h, record, one decoder forward) only writes into pre-allocated
     tensors, so on CUDA (graph=None: when the prompt is there and the decoder is not FSDP-sharded) it is
-    captured once as a CUDA graph, after `warmup` real steps, and replayed. What differs from the eager sampler:
-    - attention runs over all L columns, the unwritten ones masked (exact zeros): equal up to float
+    captured as a CUDA graph, after `warmup` real steps, and replayed; with `buckets` > 1 one graph per cache width
+    (cache_buckets: the steps of bucket k attend over S + ~k T / buckets columns, not all L; each graph after the
+    first is captured after one real step at its width). What differs from the eager sampler:
+    - attention runs over the bucket's columns, the unwritten ones masked (exact zeros): equal up to float
       rounding, not bit for bit;
     - `done.all()` is read every `check_every` tokens, not every token: up to check_every - 1 extra
       steps whose tokens are all padding; the output is trimmed to the eager length;
@@ -269,17 +313,14 @@ def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature
                 torch.tensor(eos_ids, device=dev), bias, pad_id, max_new_tokens)
     if graph is None:  # FSDP's gather hooks around each layer are not captured: sharded decoders run uncaptured
         graph = dev.type == "cuda" and not any(type(m).__name__.startswith("FSDP") for m in decoder.modules())
-    run, start = s.step, 0
-    if graph and max_new_tokens > warmup:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # real steps that also warm up (allocator, cuBLAS) before the capture
-            for _ in range(warmup):
-                s.step()
-        torch.cuda.current_stream().wait_stream(side)
-        run, start = _capture(s.step), warmup
-    for i in range(start, max_new_tokens):
-        run()
+    widths, runs = cache_buckets(S, max_new_tokens, buckets), {}  # width -> one decode step at that width
+    pool = torch.cuda.graph_pool_handle() if graph else None
+    for i in range(max_new_tokens):
+        w = width_for_step(widths, S, i)
+        if w not in runs:  # the first step at this width: capture a graph if the bucket has steps enough to replay it
+            step, real = functools.partial(s.step, w), warmup if not runs else min(warmup, 1)
+            runs[w] = _Graphed(step, real, pool) if graph and min(max_new_tokens, w - S) - i > real else step
+        runs[w]()
         if (i + 1) % check_every == 0 and s.done.all():  # the only host sync in the loop
             break
     T = int(s.alive.any(0).sum())  # eager stops after the step where every row is done

@@ -7,7 +7,9 @@ import cord
 from conftest import rand_case
 from cord import token_forward_kl, token_logprobs, token_reverse_kl
 from cordkit.manifest import load_manifest
-from cordkit.chunked import chunked_kl, chunked_logprobs, fused_kl_and_logprobs, sample_tokens, static_sample
+from cordkit import chunked
+from cordkit.chunked import (cache_buckets, chunked_kl, chunked_logprobs, fused_kl_and_logprobs, sample_tokens,
+                             static_sample, width_for_step)
 
 
 @pytest.mark.parametrize("fn,reverse", [(token_reverse_kl, True), (token_forward_kl, False)])
@@ -157,6 +159,44 @@ def test_static_sampler_eos_padding_suppression_and_length(speech_data, qwen2_au
     assert not torch.isin(y[m], torch.tensor(lalm.suppress_ids)).any()
 
 
+def test_cache_buckets_give_every_step_the_narrowest_aligned_width_that_holds_it():
+    """S = 30 prompt columns, T = 100 steps, 4 buckets: step i writes column 30 + i and must read it."""
+    widths = cache_buckets(S=30, T=100, n=4)
+    assert widths == [64, 80, 112, 144]  # S + 25, 50, 75, 100 rounded up to 16; 144 = L, the whole cache
+    assert [width_for_step(widths, 30, i) for i in (0, 33, 34, 49, 50, 81, 82, 99)] == [64, 64, 80, 80, 112, 112, 144, 144]
+    assert cache_buckets(S=30, T=100, n=1) == [144]  # one bucket: every step reads all L columns (the old path)
+    assert cache_buckets(S=30, T=5, n=8) == [32, 48]  # buckets narrower than 16 columns merge
+    every = cache_buckets(S=30, T=100, n=100)  # a bucket per 16 columns: no step reads 16 columns past its own
+    assert all(0 < width_for_step(every, 30, i) - (30 + i) <= 16 for i in range(100))
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 20])
+def test_static_sampler_reading_only_the_filled_cache_equals_eager(buckets, speech_data, qwen2_audio_dir, monkeypatch):
+    """static_sample with the cache read in buckets returns cord.sample's tokens and mask (same seed, sampled and
+    greedy rows), and each decode step's attention got only the columns of its bucket: > t, fewer than L unless the
+    bucket is the last."""
+    lalm, P, x = loaded(qwen2_audio_dir, speech_data)
+    taus, T, S = [0.0, 1.5], 20, x.shape[1]
+    torch.manual_seed(0)
+    y_e, m_e = cord.sample(lalm, x, P["audio_mask"], 2, taus, T)  # (6, T) the reference
+    seen, update = [], chunked.StaticKV.update
+
+    def spy(kv, *a, **k):  # (column written, columns returned) of each layer call
+        K, V = update(kv, *a, **k)
+        seen.append((int(kv.t), K.shape[2]))
+        return K, V
+
+    monkeypatch.setattr(chunked.StaticKV, "update", spy)
+    torch.manual_seed(0)
+    y_f, m_f = fast(lalm, x, P["audio_mask"], 2, taus, T, buckets=buckets)
+    assert torch.equal(y_f, y_e) and torch.equal(m_f, m_e)
+    widths = cache_buckets(S, T, buckets)
+    assert all(w == width_for_step(widths, S, t - S) and w > t for t, w in seen)
+    assert len({w for _, w in seen}) == len(widths)  # every bucket ran
+    if buckets == 20:  # one bucket per 16 columns: never 16 unwritten columns read
+        assert all(w - t <= 16 for t, w in seen)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_sampler_matches_eager_on_gpu(speech_data, qwen2_audio_dir):
     """On CUDA the decode step is one captured graph: greedy rows equal the eager sampler's; sampled rows end,
@@ -167,9 +207,10 @@ def test_cuda_graph_sampler_matches_eager_on_gpu(speech_data, qwen2_audio_dir):
         x = cord.embed_prompts(lalm, P["audio_ids"].cuda(), P["features"].cuda(), P["feature_mask"].cuda())
     mask = P["audio_mask"].cuda()
     y_e, m_e = cord.sample(lalm, x, mask, 3, [0.0, 1.5, 0.0], 40)
-    y_f, m_f = fast(lalm, x, mask, 3, [0.0, 1.5, 0.0], 40, graph=True)
-    greedy = torch.tensor([0, 2, 3, 5, 6, 8], device="cuda")
-    T = int(m_e[greedy].sum(1).max())
-    assert torch.equal(y_f[greedy, :T], y_e[greedy, :T]) and torch.equal(m_f[greedy, :T], m_e[greedy, :T])
-    assert (y_f[~m_f] == lalm.tokenizer.pad_token_id).all()
-    assert not torch.isin(y_f[m_f], torch.tensor(lalm.suppress_ids, device="cuda")).any()
+    for buckets in (1, 4):  # one graph; a graph per cache width
+        y_f, m_f = fast(lalm, x, mask, 3, [0.0, 1.5, 0.0], 40, graph=True, buckets=buckets)
+        greedy = torch.tensor([0, 2, 3, 5, 6, 8], device="cuda")
+        T = int(m_e[greedy].sum(1).max())
+        assert torch.equal(y_f[greedy, :T], y_e[greedy, :T]) and torch.equal(m_f[greedy, :T], m_e[greedy, :T])
+        assert (y_f[~m_f] == lalm.tokenizer.pad_token_id).all()
+        assert not torch.isin(y_f[m_f], torch.tensor(lalm.suppress_ids, device="cuda")).any()
