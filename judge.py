@@ -281,13 +281,14 @@ class RuleJudge:
 # Scoring a manifest row: the one verdict of evaluation and of --reward_ref answer
 # ---------------------------------------------------------------------------
 _NEGATED = re.compile(r"\b(?:not|none|never|neither|nor|incorrect|wrong|rule[sd]? out|eliminat\w*|rather than|"
-                      r"instead of)\b|n[’']t\b", re.I)  # a clause with one of these names what the answer is not
+                      r"instead of|unlike|accompanied by)\b|n[’']t\b", re.I)  # such a clause names no pick
 _CLAUSE_END = re.compile(r"([.;!?\n]+(?=\s|$)|,|\s(?:but|because|since|while|whereas|although|however)\b)", re.I)
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 _FINAL = re.compile(  # phrases after which a careful reader looks for the final pick
     r"\b(?:answer|option|choice)s?\s*(?:is|would be|should be|must be|:)|\bclosest(?: one| option| answer)? is"
     r"|\b(?:choose|pick|select|go with)\b|\b(?:so|therefore|thus|hence)\b|\bit(?:'s|’s| is| must be| would be)"
     r"|\b(?:correct|right|best)(?: one| option)? is", re.I)
+_ASIDE = re.compile(r",?\s(?:although|though|whereas|because|since)\b", re.I)  # 'it's B, although the joule …'
 _MENTION = re.compile(r"⟨(\d)⟩|(?<![\w'’⟨])([A-J])(?![\w'’])")  # a masked option text, or a lone capital
 _LOWER = re.compile(r"(?:option|choice|answer is|answer:)\s*\(?([a-j])\)?(?=[.,:;)!?]|\s*$)", re.I)
 _WORD_AFTER = re.compile(r" (?!(?:or|and|is|was|would|because|since|as|with|which|but|then)\b)[a-z]")
@@ -305,12 +306,13 @@ def _plain(text):
 
 def _mask_options(text, options):
     """Each option's words in the text become ⟨k⟩ (longest option first, a leading article optional), so that
-    neither a negation inside an option ('Not enough data') nor a letter in one ('C major') is read as a pick."""
+    neither a negation inside an option ('Not enough data') nor a letter in one ('C major') is read as a pick.
+    A mask is never matched again: option 'two' (-> '2') must not rewrite the '⟨2⟩' that 'nine' became."""
     order = sorted(range(len(options)), key=lambda k: -len(options[k]))
     for k in order:
         words = re.sub(r"^(?:a|an|the)\s+", "", _plain(options[k]).strip().rstrip(".").strip(), flags=re.I)
         if words and not re.fullmatch(r"[A-Za-z]", words):  # an option that is one letter is read as a letter
-            pattern = r"(?<!\w)(?:(?:a|an|the)\s+)?" + r"\s+".join(map(re.escape, words.split())) + r"(?!\w)"
+            pattern = r"(?<![\w⟨])(?:(?:a|an|the)\s+)?" + r"\s+".join(map(re.escape, words.split())) + r"(?![\w⟩])"
             text = re.sub(pattern, f"⟨{k}⟩", text, flags=re.I)
     return text
 
@@ -360,7 +362,8 @@ def pick_option(completion, letters, options=None):
     for m in _FINAL.finditer(text):
         rest = text[m.end() :].lstrip(" \n:*")
         end = _SENTENCE_END.search(rest)
-        spans.append(rest[: end.start() if end else len(rest)])
+        span = rest[: end.start() if end else len(rest)]
+        spans.append(span[: m2.start()] if (m2 := _ASIDE.search(span)) else span)  # the pick, not its asides
     for span in reversed(spans):  # the last final-answer phrase that names an option decides
         named = set(_picks(span, letters))
         if named:
