@@ -5,8 +5,8 @@
 #
 #     bash benchmarks/gpu_rollout.sh [out_dir]              # out_dir: default $OUT, else bench_out
 #
-# 1. sampler.json: cord.sample alone, eager | fast | fast+merged (LoRA folded in) | fast+merged+b4 (the cache read in
-#    4 buckets), 2 timed calls each after a warm-up, ms per decode step against the honest floor (weights + live KV
+# 1. sampler.json: cord.sample alone, eager | fast | fast+merged+b4 (LoRA folded in, the cache read in 4 buckets) |
+#    fast+merged, 2 timed calls each after a warm-up, ms per decode step against the honest floor (weights + live KV
 #    cache at the data-sheet bandwidth), greedy rows against eager's; profile.txt: torch.profiler's top kernels over
 #    a 12-token call of the last sampler, as graph replays and uncaptured;
 # 2. step_fast.json: the whole CORD step (gradient checkpointing, 1 warm-up + 2 steps), fast + merged;
@@ -43,12 +43,13 @@ stage() {  # name, its time limit (s), bench.py arguments: runs it within the li
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
-'peft', peft.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else
+'cpu')"
 } >"$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
-stage sampler 300 --sampler "${common[@]}" --samplers eager,fast,fast+merged,fast+merged+b4 \
+stage sampler 300 --sampler "${common[@]}" --samplers eager,fast,fast+merged+b4,fast+merged \
     --profile "$OUT_DIR/profile.txt" --profile-tokens "$PROFILE_TOKENS"
 stage step_fast 170 "${common[@]}" --gradient-checkpointing --warmup "$WARMUP" --compile-rollout on --merge-lora on
 stage step_eager 200 "${common[@]}" --gradient-checkpointing --warmup "$WARMUP" --compile-rollout off --merge-lora off

@@ -14,6 +14,7 @@ reading the weights once per token allows; `static_sample` (`--compile_rollout`)
 sampler over a pre-allocated KV cache with each decode step replayed as one CUDA graph:
 
     y, mask = static_sample(decoder, lm_head, x, x_mask, n, [0.0, 1.5], T, eos_ids, suppress_ids, pad_id)
+    y, mask = static_sample(..., buckets=4)  # attention reads ~the filled cache: one graph per width (cache_buckets)
 
 Standalone: imports torch only (never cord); the sampler drives any transformers decoder passed in.
 """

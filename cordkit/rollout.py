@@ -1,10 +1,11 @@
 """LoRA folded into the weights for the rollout only: the sampler decodes with W + s B A, the training forward keeps
 the adapters, and the base weights are only ever read.
 
-With --train lora every adapted linear runs as three matmuls in each decode step (x W^T + s (x A^T) B^T): on the
-7B model 7 linears x 32 layers, ~450 small kernels more per token. Inside `merged_lora(model)` each of them is
-swapped for a plain nn.Linear over a merged copy of its weight, computed fresh on entry (once per training step:
-the weights change once per optimizer step) and dropped on exit, when the adapters are put back:
+With --train lora every adapted linear runs as three matmuls in each decode step (x W^T + s (x A^T) B^T): on the 7B
+model 7 linears x 32 layers, ~900 small kernels more per token (two rank-r matmuls, a scale, an add each). Inside
+`merged_lora(model)` each of them is swapped for a plain nn.Linear over a merged copy of its weight, computed fresh on
+entry (once per training step: the weights change once per optimizer step) and dropped on exit, when the adapters are
+put back:
 
     with merged_lora(lalm.model, "auto", lalm.device):      # auto = on CUDA; off / CPU: nothing changes
         y, mask = cord.sample(lalm, x, x_mask, n, tau, T)    # decodes with W + s B A

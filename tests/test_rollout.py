@@ -44,15 +44,15 @@ def test_merged_rollout_has_the_adapter_models_logits_and_greedy_tokens(speech_d
     assert len(layers) == 2 * 7  # 2 layers x q, k, v, o, gate, up, down
     with torch.no_grad():
         y, m = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 12)  # (6, 12) greedy, with the adapters
-        ref = cord.completion_logits(lalm, x.repeat_interleave(2, 0), P["audio_mask"].repeat_interleave(2, 0), y, m)
+        x2, mask2 = x.repeat_interleave(2, 0), P["audio_mask"].repeat_interleave(2, 0)  # (6, S, C), (6, S)
+        ref = cord.completion_logits(lalm, x2, mask2, y, m)  # (6, 12, V)
         with lalm.model.disable_adapter():
-            base = cord.completion_logits(lalm, x.repeat_interleave(2, 0), P["audio_mask"].repeat_interleave(2, 0), y, m)
+            base = cord.completion_logits(lalm, x2, mask2, y, m)
         with merged_lora(lalm.model, "on"):
             assert not lora_layers(lalm.model)  # swapped for plain linears
             attn = lalm.base.get_decoder().layers[0].self_attn
             assert type(attn.q_proj) is nn.Linear and attn.q_proj.bias is layers[0].base_layer.bias  # bias shared
-            merged = cord.completion_logits(lalm, x.repeat_interleave(2, 0), P["audio_mask"].repeat_interleave(2, 0),
-                                            y, m)  # (6, 12, V)
+            merged = cord.completion_logits(lalm, x2, mask2, y, m)  # (6, 12, V)
             y_e, m_e = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 12)
             y_s, m_s = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 12, fast="on")  # static KV cache path
     torch.testing.assert_close(merged, ref, atol=1e-5, rtol=1e-5)
