@@ -11,11 +11,16 @@
 #    a 12-token call of the last sampler, as graph replays and uncaptured;
 # 2. step_fast.json: the whole CORD step (gradient checkpointing, 1 warm-up + 2 steps), fast + merged;
 # 3. step_eager.json: the same step, eager and unmerged (the baseline), if time is left;
-# then summary.md (one table of all of it) and env.txt (GPU, versions).
+# then summary.md (GPU, versions, one table of all of it): 8 files in all, what a device run brings back.
 # Each stage has its own time limit inside BUDGET seconds (default 510), so a run under `timeout 540` ends with
 # whatever finished. MODEL=tiny PROMPTS=1 ... (below) runs the same on a CPU in a minute (tests/test_rollout.py).
+#
+# The packages a bare GPU image lacks (or has at other versions) travel as wheels in .whl/ (git-ignored), installed
+# first when present (WHEELS= skips it); docs/performance.md has the one command that downloads them.
 set -u -o pipefail
 OUT_DIR=${1:-${OUT:-bench_out}}
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS-.whl}
 MODEL=${MODEL:-qwen2-audio-7b}
 PROMPTS=${PROMPTS:-8}            # B audio prompts
 AUDIO_SECONDS=${AUDIO_SECONDS:-10}
@@ -27,6 +32,11 @@ PROFILE_TOKENS=${PROFILE_TOKENS:-12}
 BUDGET=${BUDGET:-510}            # seconds for all stages
 mkdir -p "$OUT_DIR"
 deadline=$((SECONDS + BUDGET))
+if [ -n "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 common=(--model "$MODEL" --lora --prompts "$PROMPTS" --seconds "$AUDIO_SECONDS" --group-size "$GROUP"
         --max-new-tokens "$T" --steps "$STEPS")
 
@@ -36,25 +46,25 @@ stage() {  # name, its time limit (s), bench.py arguments: runs it within the li
   if ((left < limit)); then limit=$left; fi
   if ((limit < 20)); then echo "$name: skipped, no time left" | tee -a "$OUT_DIR/summary.md"; return; fi
   echo "== $name (limit ${limit}s): python -m benchmarks.bench $*"
-  timeout "$limit" python -m benchmarks.bench "$@" --json "$OUT_DIR/$name.json" >"$OUT_DIR/$name.log" 2>&1
+  timeout "$limit" "$PY" -m benchmarks.bench "$@" --json "$OUT_DIR/$name.json" >"$OUT_DIR/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc after $((SECONDS - (deadline - BUDGET)))s"
   tail -n 4 "$OUT_DIR/$name.log"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
+  "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else
 'cpu')"
-} >"$OUT_DIR/env.txt" 2>&1
-cat "$OUT_DIR/env.txt"
+} >"$OUT_DIR/summary.md" 2>&1
+cat "$OUT_DIR/summary.md"
 
 stage sampler 300 --sampler "${common[@]}" --samplers eager,fast,fast+merged+b4,fast+merged \
     --profile "$OUT_DIR/profile.txt" --profile-tokens "$PROFILE_TOKENS"
 stage step_fast 170 "${common[@]}" --gradient-checkpointing --warmup "$WARMUP" --compile-rollout on --merge-lora on
 stage step_eager 200 "${common[@]}" --gradient-checkpointing --warmup "$WARMUP" --compile-rollout off --merge-lora off
 
-python - "$OUT_DIR" <<'EOF' | tee -a "$OUT_DIR/summary.md"
+"$PY" - "$OUT_DIR" <<'EOF' | tee -a "$OUT_DIR/summary.md"
 import json, sys
 from pathlib import Path
 

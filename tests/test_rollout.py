@@ -169,11 +169,12 @@ def test_gpu_rollout_script_runs_end_to_end_on_the_tiny_model(tmp_path):
     import json
     import os
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, MODEL="tiny", PROMPTS="1", AUDIO_SECONDS="1", GROUP="1", T="4", STEPS="1", WARMUP="0",
-               PROFILE_TOKENS="3", BUDGET="500")
+               PROFILE_TOKENS="3", BUDGET="500", PYTHON=sys.executable, WHEELS="")  # this Python, its packages
     proc = subprocess.run(["bash", "benchmarks/gpu_rollout.sh", str(tmp_path)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -185,5 +186,7 @@ def test_gpu_rollout_script_runs_end_to_end_on_the_tiny_model(tmp_path):
         assert step["t_step"] > 0 and step["decode_steps"] > 0 and "live_kv_mb_per_step" in step
     profile = (tmp_path / "profile.txt").read_text()
     assert "## graph replay: top 30" in profile and "## uncaptured (graph=False): top 30" in profile
+    assert len(list(tmp_path.iterdir())) <= 8  # what a device run brings back from $OUT
     summary = (tmp_path / "summary.md").read_text()
-    assert "did not finish" not in summary and "skipped" not in summary and "| sampler fast+merged |" in summary
+    assert "torch" in summary and "did not finish" not in summary and "skipped" not in summary
+    assert "| sampler fast+merged |" in summary
