@@ -57,17 +57,18 @@ def merged_linear(layer) -> nn.Linear:  # a plain nn.Linear computing what `laye
 
 
 def wanted(mode: str, device) -> bool:  # --merge_lora on | auto (= on CUDA) | off
-    return mode == "on" or (mode == "auto" and torch.device(device).type == "cuda")
+    return mode == "on" or (mode == "auto" and device is not None and torch.device(device).type == "cuda")
 
 
 @contextlib.contextmanager
 def merged_lora(model, mode: str = "on", device=None):
     """Inside, every LoRA linear of `model` is a plain nn.Linear over W + s B A (fresh); on exit the adapters are back.
 
-    mode: on | auto (on when `device` is CUDA) | off. Nothing changes without LoRA layers; with mode on a LoRA
+    mode: on | auto (on when `device`, by default the model's, is CUDA) | off. Nothing changes without LoRA layers; with mode on a LoRA
     layer `merged_weight` cannot reproduce (DoRA, LoRA bias, fan_in_fan_out, already merged) is a ValueError.
     """
     swaps = []  # (parent, attribute, LoRA layer)
+    device = device if device is not None else next(model.parameters()).device
     if wanted(mode, device):
         layers = [(name, m) for name, m in model.named_modules() if is_lora_linear(m) and not m.disable_adapters]
         odd = [name for name, m in layers if not mergeable(m)]

@@ -170,12 +170,13 @@ def test_cache_buckets_give_every_step_the_narrowest_aligned_width_that_holds_it
     assert all(0 < width_for_step(every, 30, i) - (30 + i) <= 16 for i in range(100))
 
 
-@pytest.mark.parametrize("buckets", [1, 3, 20])
-def test_static_sampler_reading_only_the_filled_cache_equals_eager(buckets, speech_data, qwen2_audio_dir, monkeypatch):
+@pytest.mark.parametrize("family,buckets", [("qwen2_audio", 1), ("qwen2_audio", 3), ("qwen2_audio", 20), ("omni", 3)])
+def test_static_sampler_reading_only_the_filled_cache_equals_eager(family, buckets, speech_data, qwen2_audio_dir,
+                                                                   omni_dir, monkeypatch):
     """static_sample with the cache read in buckets returns cord.sample's tokens and mask (same seed, sampled and
     greedy rows), and each decode step's attention got only the columns of its bucket: > t, fewer than L unless the
-    bucket is the last."""
-    lalm, P, x = loaded(qwen2_audio_dir, speech_data)
+    bucket is the last. The Omni thinker has grouped key/value heads (its mask goes through transformers' GQA path)."""
+    lalm, P, x = loaded(qwen2_audio_dir if family == "qwen2_audio" else omni_dir, speech_data)
     taus, T, S = [0.0, 1.5], 20, x.shape[1]
     torch.manual_seed(0)
     y_e, m_e = cord.sample(lalm, x, P["audio_mask"], 2, taus, T)  # (6, T) the reference

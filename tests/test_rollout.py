@@ -9,7 +9,7 @@ from torch import nn
 import cord
 from benchmarks import bench
 from cordkit.manifest import load_manifest
-from cordkit.rollout import is_lora_linear, merged_lora, merged_weight
+from cordkit.rollout import is_lora_linear, merged_lora, merged_weight, wanted
 
 
 def lora_lalm(model_dir, r=4, seed=0):  # the tiny Qwen2-Audio with trained-looking adapters (lora_B is 0 at init)
@@ -124,6 +124,11 @@ def test_train_step_rollouts_run_merged_exactly_when_asked(mode, merged, speech_
     assert seen and seen == [not merged] * len(seen)
     assert torch.isfinite(loss) and lora_layers(lalm.model)
     assert all(p.grad is not None for p in params)
+
+
+def test_merge_mode_auto_means_on_cuda():
+    assert wanted("auto", "cuda:0") and wanted("auto", torch.device("cuda")) and not wanted("auto", "cpu")
+    assert wanted("on", "cpu") and not wanted("off", "cuda")
 
 
 def test_merged_lora_refuses_what_it_cannot_merge(qwen2_audio_dir):
