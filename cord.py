@@ -126,7 +126,7 @@ class Args:
     compile_rollout: Literal["auto", "on", "off"] = arg(
         "auto", "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA")
     merge_lora: Literal["auto", "on", "off"] = arg(
-        "auto", "--train lora rollouts decode with W + s B A folded in (cordkit/rollout.py); auto = on CUDA")
+        "auto", "LoRA rollouts decode with W + s B A in a copy (+ its memory; cordkit/rollout.py); auto = on CUDA")
     save_every: int = arg(100, "checkpoint every this many steps")
     long_audio: Literal["refuse", "drop", "cut"] = arg(
         "refuse", "clips over the encoder's window: cut = it hears their start")
