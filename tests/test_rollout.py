@@ -179,19 +179,23 @@ def test_gpu_rollout_script_runs_end_to_end_on_the_tiny_model(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, MODEL="tiny", PROMPTS="1", AUDIO_SECONDS="1", GROUP="1", T="4", STEPS="1", WARMUP="0",
-               PROFILE_TOKENS="3", BUDGET="500", PYTHON=sys.executable, WHEELS="")  # this Python, its packages
+               PROFILE_TOKENS="3", CHECK_PROMPTS="1", CHECK_T="4", BUDGET="500", PYTHON=sys.executable,
+               WHEELS="")  # this Python and its packages
     proc = subprocess.run(["bash", "benchmarks/gpu_rollout.sh", str(tmp_path)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sampler = json.loads((tmp_path / "sampler.json").read_text())
-    assert {"eager", "fast", "fast+merged", "fast+merged+b4"} <= sampler.keys()
-    assert all(sampler[k]["greedy_rows_equal"] == "1/1 of eager's" for k in ("fast", "fast+merged", "fast+merged+b4"))
+    for name in ("check", "sampler"):  # check: the tiny model in fp32, whatever MODEL is
+        sampler = json.loads((tmp_path / f"{name}.json").read_text())
+        assert {"eager", "fast", "fast+merged", "fast+merged+b4"} <= sampler.keys()
+        for fast in ("fast", "fast+merged", "fast+merged+b4"):
+            assert sampler[fast]["greedy_rows_equal"] == "1/1 of eager's"
     for name in ("step_fast", "step_eager"):
         step = json.loads((tmp_path / f"{name}.json").read_text())
         assert step["t_step"] > 0 and step["decode_steps"] > 0 and "live_kv_mb_per_step" in step
     profile = (tmp_path / "profile.txt").read_text()
     assert "## graph replay: top 30" in profile and "## uncaptured (graph=False): top 30" in profile
     assert len(list(tmp_path.iterdir())) <= 8  # what a device run brings back from $OUT
+    assert "== step_eager" in (tmp_path / "logs.txt").read_text()
     summary = (tmp_path / "summary.md").read_text()
     assert "torch" in summary and "did not finish" not in summary and "skipped" not in summary
-    assert "| sampler fast+merged |" in summary
+    assert "| sampler fast+merged |" in summary and "| check fast+merged+b4 |" in summary
