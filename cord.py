@@ -15,7 +15,7 @@ one completion; R = B, B * G or B * (1 + G)), S prompt tokens (S_a audio prompt,
 T completion tokens, V vocabulary, C hidden size, M mel bins, F feature frames.
 
 Departures from the paper (each switchable unless noted):
- 1. Rollouts come from our own 25-line KV-cache sampler (`sample`), not `model.generate`: one
+ 1. Rollouts come from our own 25-line KV-cache sampler (cordkit/rollout.py `sample`), not `model.generate`: one
     audio-encoder call and one prefill per prompt are shared by all samples of that prompt.
  2. The reference answer y_hat for the judge (Eq. 8) is greedy (`--ref_temperature 0`).
  3. `--reward_ref answer` (or `both`) uses the ground-truth answer instead of / besides y_hat.
@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import inspect
 import json
 import random
 import time
@@ -65,6 +64,7 @@ import judge as judge_lib
 from cordkit import chunked, evaluation, plumbing, rollout
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
 from cordkit.manifest import check_durations, load_audio, load_manifest
+from cordkit.rollout import positions, sample
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
 # value ranges, checked at parse time: POSITIVE's > 0, MIN_VALUE's >= their value
@@ -201,10 +201,6 @@ def embed_prompts(lalm: LALM, ids, features=None, feature_mask=None):  # -> (B, 
     return x.masked_scatter(slots, audio)
 
 
-def _positions(mask):  # left padding -> positions 0.. on the real tokens (as generate() does)
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def completion_hidden(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> (R, T, C)
     """Hidden states whose index t predicts completion token y_t (logits = lm_head of them).
 
@@ -214,7 +210,7 @@ def completion_hidden(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
     x = torch.cat([prompt_embeds, lalm.base.get_input_embeddings()(y[:, :-1])], 1)  # (R, S+T-1, C)
     mask = torch.cat([prompt_mask, y_mask[:, :-1].long()], 1)  # (R, S+T-1)
     decoder = lalm.base.get_decoder()
-    h = decoder(inputs_embeds=x, attention_mask=mask, position_ids=_positions(mask), use_cache=False).last_hidden_state
+    h = decoder(inputs_embeds=x, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
     return h[:, S - 1:]  # (R, T, C): position S-1+t sees x_{<S} and y_{<t}
 
 
@@ -403,49 +399,6 @@ def rewards_for(judges, completions: list[str], refs: list, answers: list, mode:
 
 # ----------------------------------------------------------------------------------------------
 # Rollout
-
-
-@torch.no_grad()
-def sample(lalm: LALM, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int, fast: str = "off"):
-    """y ~ pi(.|x): n samples per prompt from ONE prefill (KV cache repeated n times).
-
-    temperature: a float or a list of n floats (row j of each prompt uses temperature[j]); 0 = greedy.
-    Returns y (B*n, T) and its mask (B*n, T), True up to and including EOS.
-    fast: "on" | "auto" (on CUDA) | "off": cordkit/chunked.py's static KV cache + CUDA graphs, same semantics.
-    """
-    decoder, head = lalm.base.get_decoder(), lalm.base.get_output_embeddings()
-    pad = lalm.tokenizer.pad_token_id if lalm.tokenizer.pad_token_id is not None else lalm.eos_ids[0]
-    if fast == "on" or (fast == "auto" and prompt_embeds.is_cuda and chunked.static_supported(decoder)):
-        return chunked.static_sample(decoder, head, prompt_embeds, prompt_mask, n, temperature, max_new_tokens,
-                                     lalm.eos_ids, lalm.suppress_ids, pad)  # static KV cache + CUDA graph
-    pos = _positions(prompt_mask)  # (B, S)
-    takes = inspect.signature(decoder.forward).parameters
-    cache_kw = "cache" if "cache" in takes else "past_key_values"  # transformers 5.24 renamed it
-    out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-    cache = getattr(out, cache_kw)  # the output field has the argument's name
-    cache.batch_repeat_interleave(n)  # share the prompt encoding across the n samples
-    h = out.last_hidden_state[:, -1].repeat_interleave(n, 0)  # (B*n, C)
-    mask = prompt_mask.repeat_interleave(n, 0)  # (B*n, S)
-    pos = pos[:, -1:].repeat_interleave(n, 0)  # (B*n, 1)
-    taus = torch.tensor([temperature] * n if isinstance(temperature, (int, float)) else temperature, device=h.device)
-    tau = taus.repeat(prompt_embeds.shape[0])[:, None].float()  # (B*n, 1)
-    eos, suppress = torch.tensor(lalm.eos_ids, device=h.device), torch.tensor(lalm.suppress_ids, device=h.device)
-    done = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)  # (B*n,)
-    ys, alive = [], []
-    for _ in range(max_new_tokens):
-        logits = head(h).float()  # (B*n, V)
-        logits[:, suppress] = float("-inf")
-        probs = torch.softmax(logits / tau.clamp(min=1e-5), -1)  # (B*n, V)
-        y = torch.where(tau[:, 0] > 0, torch.multinomial(probs, 1)[:, 0], logits.argmax(-1))  # (B*n,)
-        y = y.masked_fill(done, pad)
-        ys.append(y), alive.append(~done)
-        done = done | torch.isin(y, eos)
-        if done.all():
-            break
-        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
-        h = decoder(input_ids=y[:, None], attention_mask=mask, position_ids=pos, **{cache_kw: cache},
-                    use_cache=True).last_hidden_state[:, -1]
-    return torch.stack(ys, 1), torch.stack(alive, 1)
 
 
 def decode(lalm: LALM, y, y_mask) -> list[str]:

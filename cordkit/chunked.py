@@ -9,7 +9,7 @@ saves only its inputs and recomputes the softmaxes chunk by chunk in backward. R
     D = chunked_kl(student_logits, teacher_logits, chunk=32)                     # (B, T) from (B, T, V) logits
     D, logp = fused_kl_and_logprobs(h_s, h_t, lm_head.weight, y, mask, 64)      # (B, T) from hidden states
 
-`cord.sample`'s decode loop is a Python loop of small kernels over a growing cache, ~20x slower than
+`rollout.sample`'s decode loop is a Python loop of small kernels over a growing cache, ~20x slower than
 reading the weights once per token allows; `static_sample` (`--compile_rollout`) runs the same
 sampler over a pre-allocated KV cache with each decode step replayed as one CUDA graph:
 
@@ -150,7 +150,7 @@ def fused_kl_and_logprobs(student_hidden, teacher_hidden, weight, y, mask, chunk
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: cord.sample's loop over a pre-allocated KV cache, one CUDA graph per decode step.
+# Rollouts: rollout.sample's loop over a pre-allocated KV cache, one CUDA graph per decode step.
 # N = B * n rows, S prompt length, L >= S + T cache columns, H_kv key/value heads, D head size.
 
 
@@ -276,9 +276,9 @@ def static_supported(decoder) -> bool:
 def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int,
                   eos_ids, suppress_ids, pad_id: int, graph=None, check_every: int = 16, warmup: int = 2,
                   buckets: int = 1):
-    """cord.sample's rollouts (same arguments, semantics and return) with a static KV cache and no host sync per token.
+    """rollout.sample's rollouts (same arguments, semantics and return) with a static KV cache and no host sync per token.
 
-    The prefill is cord.sample's; its keys/values are copied n times into a StaticKV of S + T columns (or a few more).
+    The prefill is rollout.sample's; its keys/values are copied n times into a StaticKV of S + T columns (or a few more).
     Each decode step (sample from h, record, one decoder forward) only writes into pre-allocated
     tensors, so on CUDA (graph=None: when the prompt is there and the decoder is not FSDP-sharded) it is
     captured as a CUDA graph, after `warmup` real steps, and replayed; with `buckets` > 1 one graph per cache width
@@ -297,7 +297,7 @@ def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature
         raise ValueError("static_sample needs full attention with sdpa/eager kernels: "
                          "use --compile_rollout off (or auto)")
     B, S, _ = prompt_embeds.shape
-    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): cord._positions
+    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): rollout.positions
     out = decoder(inputs_embeds=prompt_embeds, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     L = -(-(S + max_new_tokens) // 16) * 16  # columns, rounded up to 16: aligned rows for the attention kernels' mask

@@ -441,7 +441,7 @@ def load_training_state(model, opt, ckpt: Path, fsdp: bool) -> int:
 MAY_CHANGE_ON_RESUME = {"steps", "save_every", "save_total_limit", "eval", "eval_data", "eval_every", "eval_limit",
                         "eval_batch_size", "baseline", "output", "resume", "overwrite", "threads", "device",
                         "report_to", "lr", "chunk_size", "compile_rollout", "gradient_checkpointing",
-                        "trust_remote_code", "fsdp"}  # fsdp: load_training_state names it
+                        "trust_remote_code", "fsdp", "merge_lora"}  # fsdp: load_training_state names it
 
 
 def _same(a, b) -> bool:
