@@ -36,10 +36,9 @@ Departures from the paper (each switchable unless noted):
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
 10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
     wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
-11. The training path (`head_terms`, `kl_maybe_chunked`) computes the losses in bounded memory with
-    cordkit/chunked.py, same values and gradients as the reference functions of Eq. 2 (which
-    `--chunk_size 0` uses); on CUDA the rollouts run over a static KV cache, one CUDA graph per
-    token, same semantics (`--compile_rollout off`: eager).
+11. Training computes Eq. 2 and log pi(y_t) with cordkit/chunked.py (`head_terms`, `kl`): in bounded memory,
+    the same values and gradients as the reference functions below (`--chunk_size 0`: in one piece); on CUDA the
+    rollouts run over a static KV cache, one CUDA graph per token, same semantics (`--compile_rollout off`: eager).
 The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo.py says which.
 """
 from __future__ import annotations
@@ -122,7 +121,7 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping")
     batch_size: int = arg(8, "B: audio prompts per step")
     steps: int = arg(1000, "optimizer steps")
-    chunk_size: Optional[int] = arg(32, "positions per chunk of the exact KL (cordkit/chunked.py); 0 = the reference")
+    chunk_size: Optional[int] = arg(32, "positions per chunk of the exact KL (cordkit/chunked.py); 0 = one piece")
     compile_rollout: Literal["auto", "on", "off"] = arg(
         "auto", "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA")
     merge_lora: Literal["auto", "on", "off"] = arg(
@@ -222,7 +221,7 @@ def completion_logits(lalm: LALM, prompt_embeds, prompt_mask, y, y_mask):  # -> 
 # Loss math (Eq. 2-7). Pure functions: tensors in, tensors out; each can be copied alone.
 # Logits are aligned: index t is the distribution over completion token t; mask (B, T) is True on
 # real completion tokens (right padding). These are the reference versions, written for reading;
-# training calls their memory-bounded twins in cordkit/chunked.py (`kl_maybe_chunked`, `head_terms`).
+# training calls their memory-bounded twins in cordkit/chunked.py (`head_terms`, `kl`).
 
 
 def token_reverse_kl(student_logits, teacher_logits, mask):  # -> D (B, T)
@@ -472,44 +471,14 @@ class Teacher:
         return h, lalm.base.get_output_embeddings().weight
 
 
-def kl_maybe_chunked(student_logits, teacher_logits, mask, chunk_size=None, reverse=True):  # -> (R, T)
-    """Eq. 2 (reverse=False: the forward KL) as training computes it: with chunk_size, in bounded memory by
-    cordkit/chunked.py (the same values and gradients: tests/test_chunked.py); without, the reference above."""
-    if chunk_size is not None:
-        return chunked.chunked_kl(student_logits, teacher_logits, chunk_size, reverse) * mask  # (R, T)
-    if reverse:
-        return token_reverse_kl(student_logits, teacher_logits, mask)  # (R, T)
-    return token_forward_kl(student_logits, teacher_logits, mask)  # (R, T)
-
-
-def logprobs_maybe_chunked(logits, y, chunk_size=None):  # -> (R, T)
-    """log pi(y_t) as training computes it: cordkit/chunked.py with chunk_size, else the reference token_logprobs."""
-    if chunk_size is not None:
-        return chunked.chunked_logprobs(logits, y, chunk_size)  # (R, T)
-    return token_logprobs(logits, y)  # (R, T)
-
-
-def head_terms(lalm: LALM, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):
-    """D (R, T) of Eq. 2 against the teacher's hidden states h_t (None without them) and log pi(y_t) (R, T) from
-    logits / temperature, from student hidden states h (R, T, C). With chunk_size (the default) and a head
-    without bias, the (R, T, V) logits never exist (cordkit/chunked.py's fused head)."""
-    head = lalm.base.get_output_embeddings()
-    if chunk_size is not None and head.bias is None:  # logits / tau = (h / tau) W^T, exactly
-        D, logp = chunked.fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
-        return (D if h_t is not None else None), logp
-    s = head(h) / temperature  # (R, T, V)
-    D = kl_maybe_chunked(s, h_t @ W_t.T, mask, chunk_size) if h_t is not None else None  # (R, T) Eq. 2
-    return D, logprobs_maybe_chunked(s, y, chunk_size)  # (R, T)
-
-
 def baseline_loss(lalm: LALM, h, y, mask, h_t, W_t, objective: str, chunk_size=None):
     """The extra baselines on y_hat ~ pi(.|x_t) (departure 9), a per-sequence token mean then mean over sequences:
     sft = cross-entropy of y_hat from the audio prompt; fkl = KL(pi(.|x_t) || pi(.|x_a)) along that text trajectory."""
+    head = lalm.base.get_output_embeddings()
     if objective == "sft":
-        per_tok = -head_terms(lalm, h, y, mask, chunk_size=chunk_size)[1]  # (B, T) -log pi(y_hat_t | x_a)
+        per_tok = -chunked.head_terms(head, h, y, mask, chunk_size=chunk_size)[1]  # (B, T) -log pi(y_hat_t | x_a)
     else:
-        s = lalm.base.get_output_embeddings()(h)  # (B, T, V)
-        per_tok = kl_maybe_chunked(s, h_t @ W_t.T, mask, chunk_size, reverse=False)  # (B, T)
+        per_tok = chunked.kl(head(h), h_t @ W_t.T, mask, chunk_size, reverse=False)  # (B, T) on (B, T, V) logits
     return ((per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
@@ -550,11 +519,12 @@ def student_loss(lalm: LALM, x_a, m_a, ro: Rollouts, h_t, W_t, A, args: Args) ->
     rows = loss_rows(ro, obj)
     lalm.model.train()
     h = student_hidden(lalm, x_a, m_a, rows)  # name -> (R_i, T_i, C)
+    head = lalm.base.get_output_embeddings()  # (V, C) lm_head: the logits of h
     loss, metrics, logp = x_a.new_zeros((), dtype=torch.float32), {}, None
     if obj in ("cord", "opd", "opd+grpo"):
         on = "opd" if "opd" in rows else "group"  # departure 7: --opd_rollout group puts L_tok on the group
         y, m = rows[on]
-        D, logp_on = head_terms(lalm, h[on], y, m, h_t, W_t, args.chunk_size)  # (R, T) Eq. 2
+        D, logp_on = chunked.head_terms(head, h[on], y, m, h_t, W_t, args.chunk_size)  # (R, T) Eq. 2
         alpha, beta = (args.alpha, args.beta) if obj == "cord" else (1.0, 1.0)  # opd, opd+grpo: uniform Eq. 3
         if args.k_frac > 0:  # departure 8: K of Eq. 4 per sequence
             k = torch.ceil(args.k_frac * m.sum(-1)).long().clamp(min=1)  # (R,)
@@ -570,7 +540,8 @@ def student_loss(lalm: LALM, x_a, m_a, ro: Rollouts, h_t, W_t, A, args: Args) ->
         use_tau = args.grpo_logp_temperature == "sampling" and args.grpo_temperature > 0
         tau = args.grpo_temperature if use_tau else 1.0
         if logp is None or tau != 1.0:  # departure 5: log pi at the temperature the rollouts were sampled at
-            logp = head_terms(lalm, h["group"], y, m, chunk_size=args.chunk_size, temperature=tau)[1]  # (B*G, T)
+            logp = chunked.head_terms(head, h["group"], y, m, chunk_size=args.chunk_size, temperature=tau)[1]
+            # (B*G, T) log pi(y_i) at tau
         L_seq, seq_metrics = grpo_loss(logp, logp.detach(), A, m, args.clip_eps, args.group_size,
                                        args.grpo_reduction)  # Eq. 10
         loss = loss + args.lam * L_seq  # L_CORD = L_tok + lambda L_seq
@@ -702,8 +673,8 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
         y_t, m_t = sample(lalm, x_t, prompts["text_mask"], 1, 0.0, args.max_new_tokens, fast=args.compile_rollout)
         D = y_a * 0.0  # (B, T) without the KL statistics
         if kl:  # (B, T) Eq. 2 on the audio rollout
-            D = kl_maybe_chunked(completion_logits(lalm, x_a, prompts["audio_mask"], y_a, m_a),
-                                 completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size)
+            D = chunked.kl(completion_logits(lalm, x_a, prompts["audio_mask"], y_a, m_a),
+                           completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size)
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
             token_kl.append((d[m].float().cpu(), y[m].tolist()))  # D_t and y_t along the audio rollout
             items.append({"id": ex["id"], "category": ex.get("category"),
@@ -743,7 +714,7 @@ def parse_args(argv=None) -> Args:
     bad = [message for is_bad, message in problems if is_bad]
     if bad:
         parser.error(f"argument {bad[0]}")
-    return replace(args, chunk_size=args.chunk_size or None)  # 0: the reference functions, no chunking
+    return replace(args, chunk_size=args.chunk_size or None)  # 0: no chunking, (R, T, V) tensors in one piece
 
 
 def setup(args: Args) -> LALM:

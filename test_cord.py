@@ -24,7 +24,7 @@ import torch
 
 import cord
 from cordkit import families
-from cordkit import evaluation, plumbing
+from cordkit import chunked, evaluation, plumbing
 from conftest import QUESTIONS, rand_case, run_main
 from cord import (
     Args,
@@ -893,14 +893,14 @@ def slow_logp(logits, y):  # log softmax(logits)[y] for one position, plain Pyth
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_size):
-    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths of training (chunk_size None: the
-    reference functions; 3: cordkit/chunked.py); padding holds huge logits but D and the forward KL are exactly 0 there."""
+    """Every position of D (reverse), the forward KL and log pi(y_t), on both paths of training (chunk_size None: in
+    one piece; 3: chunked), against a slow loop; padding holds huge logits but D and the forward KL are exactly 0 there."""
     s, t, mask = rand_case(B=3, T=5, V=7, seed=11)
     s[~mask], t[~mask] = 1e4 * s[~mask], -1e4 * t[~mask]
     y = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
-    D = cord.kl_maybe_chunked(s, t, mask, chunk_size)
-    Fw = cord.kl_maybe_chunked(s, t, mask, chunk_size, reverse=False)
-    lp = cord.logprobs_maybe_chunked(s, y, chunk_size)
+    D = chunked.kl(s, t, mask, chunk_size)
+    Fw = chunked.kl(s, t, mask, chunk_size, reverse=False)
+    lp = chunked.logprobs(s, y, chunk_size)
     for b in range(3):
         for i in range(5):
             real = bool(mask[b, i])
@@ -910,7 +910,7 @@ def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_
                 assert lp[b, i].item() == pytest.approx(slow_logp(s[b, i], int(y[b, i])), abs=1e-5)
     # the teacher is stop-gradient in both directions: only the student's logits get a gradient
     s_, t_ = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
-    D_, Fw_ = cord.kl_maybe_chunked(s_, t_, mask, chunk_size), cord.kl_maybe_chunked(s_, t_, mask, chunk_size, False)
+    D_, Fw_ = chunked.kl(s_, t_, mask, chunk_size), chunked.kl(s_, t_, mask, chunk_size, False)
     (D_.sum() + Fw_.sum()).backward()
     assert t_.grad is None or t_.grad.abs().max() == 0
     assert s_.grad[mask].abs().max() > 0
@@ -1085,8 +1085,8 @@ def test_mut_head_terms_vs_slow_loop(chunk_size, bias):
     lalm, head = toy_lalm(bias=bias)
     h, h_t, W_t, y, mask = toy_rows()
     logits = lambda hh, W, b=None: hh.double() @ W.double().T + (0 if b is None else b.double())
-    D, logp = cord.head_terms(lalm, h, y, mask, h_t, W_t, chunk_size)
-    D_none, logp_hot = cord.head_terms(lalm, h, y, mask, chunk_size=chunk_size, temperature=1.5)
+    D, logp = chunked.head_terms(head, h, y, mask, h_t, W_t, chunk_size)
+    D_none, logp_hot = chunked.head_terms(head, h, y, mask, chunk_size=chunk_size, temperature=1.5)
     assert D_none is None
     for b in range(3):
         for t in range(4):

@@ -89,7 +89,7 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
     else:
         chunk = None if variant.endswith("naive") else 32
         s, t = (leaf, t) if variant.startswith("logits") else (leaf @ W.T, h_t @ W.T)
-        D, logp = cord.kl_maybe_chunked(s, t, mask, chunk), cord.logprobs_maybe_chunked(s, y, chunk)
+        D, logp = chunked.kl(s, t, mask, chunk), chunked.logprobs(s, y, chunk)
     loss = cord.weighted_token_loss(D, mask)[0] + (logp * mask).sum() / mask.sum()
     loss.backward()
     if dev.type == "cuda":

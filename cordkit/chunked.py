@@ -92,6 +92,34 @@ def chunked_logprobs(logits, y, chunk: int):  # (..., V), (...) -> (...)
     return _ChunkedLogProb.apply(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), chunk).view(y.shape)
 
 
+def kl(student_logits, teacher_logits, mask, chunk_size=None, reverse=True):  # (R, T, V) x2, (R, T) -> (R, T)
+    """Eq. 2 (reverse=False: the forward KL) as training computes it: chunk_size positions at a time, or in one
+    piece (None); the same values and gradients as cord.token_reverse_kl / token_forward_kl (tests/test_chunked.py)."""
+    if chunk_size is not None:
+        return chunked_kl(student_logits, teacher_logits, chunk_size, reverse) * mask  # (R, T)
+    ls, lt = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.detach().float(), -1)  # (R, T, V)
+    return ((ls.exp() * (ls - lt)) if reverse else (lt.exp() * (lt - ls))).sum(-1) * mask  # (R, T)
+
+
+def logprobs(logits, y, chunk_size=None):  # (R, T, V), (R, T) -> (R, T)
+    """log pi(y_t) as training computes it: chunked, or in one piece (None), as cord.token_logprobs."""
+    if chunk_size is not None:
+        return chunked_logprobs(logits, y, chunk_size)  # (R, T)
+    return torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)  # (R, T)
+
+
+def head_terms(head, h, y, mask, h_t=None, W_t=None, chunk_size=None, temperature=1.0):
+    """D (R, T) of Eq. 2 against the teacher's hidden states h_t (None without them) and log pi(y_t) (R, T) from
+    head(h) / temperature, for student hidden states h (R, T, C) and the lm_head `head`. With chunk_size (cord.py's
+    default) and a head without bias the (R, T, V) logits never exist (the fused head below)."""
+    if chunk_size is not None and head.bias is None:  # logits / tau = (h / tau) W^T, exactly
+        D, logp = fused_kl_and_logprobs(h / temperature, h_t, head.weight, y, mask, chunk_size, W_t)
+        return (D if h_t is not None else None), logp
+    s = head(h) / temperature  # (R, T, V)
+    D = kl(s, h_t @ W_t.T, mask, chunk_size) if h_t is not None else None  # (R, T) Eq. 2
+    return D, logprobs(s, y, chunk_size)  # (R, T)
+
+
 class _FusedHead(torch.autograd.Function):
     """Eq. 2 and log pi(y_t) straight from final hidden states: logits = h W^T exist one chunk at a time.
 
@@ -276,9 +304,9 @@ def static_supported(decoder) -> bool:
 def static_sample(decoder, head, prompt_embeds, prompt_mask, n: int, temperature, max_new_tokens: int,
                   eos_ids, suppress_ids, pad_id: int, graph=None, check_every: int = 16, warmup: int = 2,
                   buckets: int = 1):
-    """rollout.sample's rollouts (same arguments, semantics and return) with a static KV cache and no host sync per token.
+    """rollout.sample's rollouts (same arguments, semantics and return), static KV cache, no host sync per token.
 
-    The prefill is rollout.sample's; its keys/values are copied n times into a StaticKV of S + T columns (or a few more).
+    The prefill is rollout.sample's; its keys/values are copied n times into a StaticKV of S + T columns (or more).
     Each decode step (sample from h, record, one decoder forward) only writes into pre-allocated
     tensors, so on CUDA (graph=None: when the prompt is there and the decoder is not FSDP-sharded) it is
     captured as a CUDA graph, after `warmup` real steps, and replayed; with `buckets` > 1 one graph per cache width
