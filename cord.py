@@ -39,7 +39,7 @@ Departures from the paper (each switchable unless noted):
 11. Training computes Eq. 2 and log pi(y_t) with cordkit/chunked.py (`head_terms`, `kl`): in bounded memory,
     the same values and gradients as the reference functions below (`--chunk_size 0`: in one piece); on CUDA the
     rollouts run over a static KV cache, one CUDA graph per token, same semantics (`--compile_rollout off`: eager).
-The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo.py says which.
+The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo/run.py says which.
 """
 from __future__ import annotations
 
@@ -47,13 +47,11 @@ import contextlib
 import copy
 import importlib.util
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -62,7 +60,7 @@ from transformers import HfArgumentParser
 import judge as judge_lib
 from cordkit import chunked, evaluation, plumbing, rollout
 from cordkit.families import LALM, audio_window_seconds, configure_trainable, enable_gradient_checkpointing, load_lalm
-from cordkit.manifest import check_durations, load_audio, load_manifest
+from cordkit.manifest import check_durations, load_audio, load_manifest, with_transcripts
 from cordkit.rollout import positions, sample
 
 OBJECTIVES = ("cord", "opd", "grpo", "opd+grpo", "sft", "fkl")
@@ -122,13 +120,10 @@ class Args:
     batch_size: int = arg(8, "B: audio prompts per step")
     steps: int = arg(1000, "optimizer steps")
     chunk_size: Optional[int] = arg(32, "positions per chunk of the exact KL (cordkit/chunked.py); 0 = one piece")
-    compile_rollout: Literal["auto", "on", "off"] = arg(
-        "auto", "rollouts: static KV cache + CUDA graph (cordkit/chunked.py); auto = on CUDA")
-    merge_lora: Literal["auto", "on", "off"] = arg(
-        "auto", "LoRA rollouts decode with W + s B A in a copy (+ its memory; cordkit/rollout.py); auto = on CUDA")
+    compile_rollout: Literal["auto", "on", "off"] = arg("auto", "static KV cache + CUDA graph rollouts; auto = on CUDA")
+    merge_lora: Literal["auto", "on", "off"] = arg("auto", "LoRA rollouts use a merged copy W + s B A; auto = on CUDA")
     save_every: int = arg(100, "checkpoint every this many steps")
-    long_audio: Literal["refuse", "drop", "cut"] = arg(
-        "refuse", "clips over the encoder's window: cut = it hears their start")
+    long_audio: Literal["refuse", "drop", "cut"] = arg("refuse", "clips over the audio window: cut = hear their start")
     resume: bool = arg(False, "continue from the last complete checkpoint in --output")
     overwrite: bool = arg(False, "start over in an --output that holds a run (its checkpoints are deleted)")
     save_total_limit: int = arg(3, "keep the newest n checkpoints; 0 = all")
@@ -365,8 +360,7 @@ def grpo_loss(logp, old_logp, advantages, mask, eps=0.2, group_size=None, reduct
 
 
 def make_judge(args: Args, lalm: LALM):
-    """J of Eq. 8 (judge.py): rule (RuleJudge); model (ModelJudge: P(yes) that two answers agree), asking --judge_model
-    or, without one, the LALM's own text path (no audio in the prompt)."""
+    """J of Eq. 8 (judge.py): rule, or model (P(yes) that two answers agree, from --judge_model or the LALM's text)."""
     return judge_lib.make_judges(args.judge, lalm.base, lalm.tokenizer, args.judge_model, args.trust_remote_code,
                                  lalm.device)
 
@@ -420,10 +414,8 @@ class Rollouts:
 
 @torch.no_grad()
 def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq: bool) -> Rollouts:
-    """Sample every completion a step needs, in eval mode (no dropout), without gradient.
-
-    The OPD row and the G GRPO rows of a prompt share one prefill (departures 1, 7).
-    """
+    """Sample every completion a step needs, in eval mode (no dropout), without gradient; the OPD row and the G GRPO
+    rows of a prompt share one prefill (departures 1, 7)."""
     B, G, obj = x_a.shape[0], args.group_size, args.objective
     lalm.model.eval()
     out = Rollouts()
@@ -451,8 +443,7 @@ def rollouts(lalm: LALM, x_a, prompts: dict, args: Args, use_tok: bool, use_seq:
 
 
 class Teacher:
-    """sg[pi(.|x_t, y_<t)]: no gradient, eval mode. live = current weights; frozen = initial weights
-    (the base model under a LoRA adapter, else a frozen copy made at the start)."""
+    """sg[pi(.|x_t, y_<t)], no gradient, eval mode: live = current weights; frozen = initial ones (LoRA: base)."""
 
     def __init__(self, lalm: LALM, mode: str):
         self.lalm, self.mode, self.copy = lalm, mode, None
@@ -677,11 +668,9 @@ def evaluate(lalm: LALM, examples: list[dict], args: Args, out_dir: Optional[str
                            completion_logits(lalm, x_t, prompts["text_mask"], y_a, m_a), m_a, args.chunk_size)
         for ex, ca, ct, d, y, m in zip(batch, decode(lalm, y_a, m_a), decode(lalm, y_t, m_t), D, y_a, m_a):
             token_kl.append((d[m].float().cpu(), y[m].tolist()))  # D_t and y_t along the audio rollout
-            items.append({"id": ex["id"], "category": ex.get("category"),
-                          "answer": None if ex.get("answer") is None else str(ex["answer"]),
+            items.append({"id": ex["id"], "category": ex.get("category"), "answer": ex.get("answer"),  # a str or None
                           "audio_completion": ca, "text_completion": ct, "audio_correct": judge_lib.score_row(ca, ex),
-                          "text_correct": judge_lib.score_row(ct, ex) if ex.get("text") else None,
-                          "kl_mean": d[m].float().mean().item() if m.any() else 0.0})
+                          "text_correct": judge_lib.score_row(ct, ex) if ex.get("text") else None})
     return evaluation.summarize(items, examples, token_kl, lalm.tokenizer, baseline, out_dir)
 
 
@@ -698,11 +687,8 @@ def parse_args(argv=None) -> Args:
         (args,) = parser.parse_args_into_dataclasses(argv)
     except ValueError as e:  # flags that no field takes
         parser.error(str(e).replace("Some specified arguments are not used by the HfArgumentParser", "unknown flags"))
-    problems = [(getattr(args, n) is not None and getattr(args, n) < lo,  # (bad, message) per check, in this order
-                 f"--{n}: {getattr(args, n)} is out of range (it must be >= {lo})") for n, lo in MIN_VALUE.items()]
-    problems += [(getattr(args, n) <= 0, f"--{n}: {getattr(args, n)} is out of range (it must be > 0)")
-                 for n in POSITIVE]
-    problems += [
+    bad = plumbing.out_of_range(asdict(args), MIN_VALUE, POSITIVE)  # each value in its range, in this order
+    problems = [  # (bad, message): pairs of flags, files, packages
         (args.objective in ("cord", "grpo", "opd+grpo") and args.group_size < 2,
          "--group_size: GRPO needs >= 2 rollouts per prompt (Eq. 9)"),
         (args.eval and not args.data, "--eval true needs --data (the manifest to evaluate)"),
@@ -711,16 +697,14 @@ def parse_args(argv=None) -> Args:
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
         (args.report_to != "none" and not importlib.util.find_spec(args.report_to),
          f"--report_to {args.report_to}: pip install {args.report_to}")]
-    bad = [message for is_bad, message in problems if is_bad]
+    bad += [message for is_bad, message in problems if is_bad]
     if bad:
         parser.error(f"argument {bad[0]}")
     return replace(args, chunk_size=args.chunk_size or None)  # 0: no chunking, (R, T, V) tensors in one piece
 
 
 def setup(args: Args) -> LALM:
-    random.seed(args.seed)  # every rank alike: the same initial weights
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    plumbing.seed_all(args.seed)  # every rank alike: the same initial weights
     device = plumbing.init_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32  # --dtype auto
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, auto)
@@ -750,11 +734,7 @@ def main(argv=None):
         if not s["n_scored"]:
             print(f"not scored: no item of {args.data} has an 'answer' (acc and gap are null)")
         return s
-    if any(not ex.get("text") for ex in data):  # no transcript, no teacher: nothing to distil
-        print(f"{args.data}: skipping {sum(not ex.get('text') for ex in data)} audio-only rows (no 'text') in training")
-        data = [ex for ex in data if ex.get("text")]
-        if not data:
-            raise SystemExit(f"{args.data}: no row has a 'text' (a transcript) to train on")
+    data = with_transcripts(data, args.data)  # no transcript, no teacher: nothing to distil
     with plumbing.RunLock(args.output):  # one writer per run folder; Ctrl-C or a full disk end in one line
         plumbing.prepare_output(args.output, args.resume, args.overwrite, asdict(args))  # resume: the same run
         final = train(setup(args), data, args, eval_sets)

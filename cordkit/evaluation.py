@@ -42,6 +42,8 @@ def summarize(items: list[dict], rows: list[dict], token_kl: list, tokenizer, ba
         s["acc_audio_by_category"] = {c: acc("audio_correct", c) for c in categories}
     s.update(official_summary(rows, items))  # the benchmark's own metric; {} for other data
     if token_kl:
+        for it, (d, _) in zip(items, token_kl):  # each item's mean D_t along its audio rollout
+            it["kl_mean"] = d.mean().item() if len(d) else 0.0
         s.update(kl_statistics(token_kl, tokenizer))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

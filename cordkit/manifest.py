@@ -136,6 +136,17 @@ def load_manifest(path) -> list[dict]:
     return [dict(ex, audio_path=Path(path).parent / ex["audio"], line=no) for ex, no in zip(rows, lines)]
 
 
+def with_transcripts(rows: list[dict], where) -> list[dict]:
+    """The rows training can use: those with a `text` (the teacher reads it); the others are counted, never silently
+    dropped, and none left is one line."""
+    kept = [r for r in rows if r.get("text")]
+    if len(kept) < len(rows):
+        print(f"{where}: skipping {len(rows) - len(kept)} audio-only rows (no 'text') in training")
+    if not kept:
+        raise SystemExit(f"{where}: no row has a 'text' (a transcript) to train on")
+    return kept
+
+
 def clip_seconds(row: dict, where: str = "the manifest") -> float:
     """Seconds of a row's audio from its header (fast); unreadable or empty audio of any kind (0 bytes, a cut header,
     not audio, a folder) stops the program with one line naming the manifest line and the file."""

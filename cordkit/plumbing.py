@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import shutil
 import sys
@@ -53,6 +54,19 @@ class Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # count the GPU work launched inside the phase
         return time.perf_counter()
+
+
+def seed_all(seed: int) -> None:  # Python, NumPy and torch (CPU and every GPU)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def out_of_range(values: dict, minimum: dict, positive) -> list[str]:
+    """One message per flag out of its range: minimum's values >= their bound, positive's > 0 (None = unset)."""
+    bad = [f"--{n}: {values[n]} is out of range (it must be >= {lo})" for n, lo in minimum.items()
+           if values[n] is not None and values[n] < lo]
+    return bad + [f"--{n}: {values[n]} is out of range (it must be > 0)" for n in positive if values[n] <= 0]
 
 
 def init_distributed(device: torch.device) -> torch.device:
