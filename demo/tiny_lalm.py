@@ -1,4 +1,5 @@
-"""Builds, trains and caches the tiny Qwen2-Audio LALM that `python cord.py` (no --model) starts from: a model that hears worse than it reads.
+"""Builds, trains and caches the tiny Qwen2-Audio LALM that `python cord.py` (no --model) starts from:
+a model that hears worse than it reads.
 
 No real audio LLM can be downloaded here and most readers have no GPU, so the CPU demo needs a model in
 the *real* transformers architecture (`Qwen2AudioForConditionalGeneration`, with a real processor: a
@@ -90,7 +91,8 @@ def engine(voice: str) -> str:
 CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -210,7 +212,8 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    template_text = f"system user assistant You are a helpful assistant. Audio 1: The answer is \\boxed{{}} {INSTRUCTION}"
+    template_text = (f"system user assistant You are a helpful assistant. Audio 1: The answer is \\boxed{{}} "
+                     f"{INSTRUCTION}")
     tok.train_from_iterator(list(corpus) + [template_text] * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -223,7 +226,8 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     )
 
 
-def build_processor(corpus: list[str], vocab_size: int = 512, chunk_seconds: int = 4, n_mels: int = 80) -> Qwen2AudioProcessor:
+def build_processor(corpus: list[str], vocab_size: int = 512, chunk_seconds: int = 4,
+                    n_mels: int = 80) -> Qwen2AudioProcessor:
     """A Qwen2AudioProcessor: trained tokenizer + Whisper features padded to `chunk_seconds`
     (10 ms frames: the encoder sees 50 frames/s after its stride-2 conv, the LM 25 audio tokens/s)."""
     feature_extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=chunk_seconds)
@@ -338,7 +342,8 @@ def audio_embeddings(model, input_features, feature_attention_mask, return_hidde
     """Projected audio tokens (B, Ta, D) and their valid lengths (B,), through families.qwen2_audio_encoder (the
     encoder as the model's own forward runs it); with return_hidden also the encoder output (B, Ta, d_audio)."""
     enc, projector = part(model, "audio_tower"), part(model, "multi_modal_projector")
-    h, out_len = qwen2_audio_encoder(enc, input_features.to(enc.conv1.weight.dtype), feature_attention_mask)  # (B, Ta, d_audio)
+    h, out_len = qwen2_audio_encoder(enc, input_features.to(enc.conv1.weight.dtype),
+                                     feature_attention_mask)  # (B, Ta, d_audio)
     if return_hidden:
         return projector(h), out_len, h
     return projector(h), out_len                                                     # (B, Ta, D), (B,)
@@ -393,7 +398,8 @@ def generate_answers(model, processor, rows, base, modality, batch_size=100, max
     return outs
 
 
-def accuracy(model, processor, manifest, n: int | None = None, modalities=("text", "audio"), batch_size: int = 100) -> dict:
+def accuracy(model, processor, manifest, n: int | None = None, modalities=("text", "audio"),
+             batch_size: int = 100) -> dict:
     """Greedy accuracy from text and from audio on the first n items: {acc_text, acc_audio, gap, n}, as fractions.
 
     Scored as cord.evaluate scores (judge.RuleJudge against the answer); this one is small and fast, for the
@@ -664,7 +670,8 @@ def train_audio(model, processor, cache, slots, dev_manifest, head, max_steps: i
         opt, lambda s: min(1.0, (s + 1) / 50) * (fine_lr if near[0] else 1.0))
 
     def snapshot():
-        return {k: v.detach().clone() for k, v in model.state_dict().items() if "language_model." not in k and not k.startswith("lm_head")}
+        return {k: v.detach().clone() for k, v in model.state_dict().items()
+                if "language_model." not in k and not k.startswith("lm_head")}
 
     curve, losses, prev = [], [], None
     tower.train(), projector.train(), lm.eval()
@@ -747,7 +754,8 @@ def _load_language_model(model, processor, path: Path):
         raise ValueError(f"{path} was built with another tokenizer (other training questions); cannot share its LM")
     lm = {k: v for k, v in other.state_dict().items() if "audio_tower" not in k and "multi_modal_projector" not in k}
     missing, unexpected = model.load_state_dict(lm, strict=False)
-    assert not unexpected and all("audio_tower" in k or "multi_modal_projector" in k for k in missing), (missing, unexpected)
+    assert (not unexpected
+            and all("audio_tower" in k or "multi_modal_projector" in k for k in missing)), (missing, unexpected)
     tie_if_configured(model)
 
 
@@ -759,7 +767,8 @@ def _cpu_seconds() -> float:
 
 def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | None = None, n_eval: int = 500,
                   n_dev: int = 200, takes: int = 1, voices=VOICES, chunk_seconds: int = 3, d_audio: int = 128,
-                  audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 1500, ctc_target: float | None = 0.6,
+                  audio_layers: int = 2, d_text: int = 128, text_layers: int = 4, ctc_steps: int = 1500,
+                  ctc_target: float | None = 0.6,
                   text_steps: int = 500, text_lr: float = 5e-3, pseudo_audio_share: float = 0.5,
                   audio_max_steps: int = 1000, audio_lr: float = 1e-3, ce_weight: float = 0.0,
                   target_audio: float = 0.42, eval_every: int = 10, batch_size: int = 64, n_stats: int | None = None,
@@ -787,7 +796,8 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
     data_settings = dict(seed=seed, n_train=n_train, n_eval=n_eval, n_dev=n_dev, takes=takes, voices=list(voices),
                          augment=augment, n_engine_eval=n_engine_eval)
     s1_settings = dict(data_settings, chunk_seconds=chunk_seconds, d_audio=d_audio, audio_layers=audio_layers,
-                       d_text=d_text, text_layers=text_layers, ctc_steps=ctc_steps, ctc_target=ctc_target, text_steps=text_steps,
+                       d_text=d_text, text_layers=text_layers, ctc_steps=ctc_steps, ctc_target=ctc_target,
+                       text_steps=text_steps,
                        text_lr=text_lr, pseudo_audio_share=pseudo_audio_share, batch_size=batch_size,
                        spec_aug=spec_aug, holdout=holdout, shared_lm=str(shared_lm) if shared_lm else None)
     settings = dict(s1_settings, audio_max_steps=audio_max_steps, audio_lr=audio_lr, ce_weight=ce_weight,
@@ -802,8 +812,10 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         from cordkit.plumbing import check_weights_file
 
         check_weights_file(cache / "model.safetensors")  # a damaged copy stops here, in one line, before any voicing
-        subset = dict(data_settings, n_train=min(demo_train, len(chain_problems(seed)) - n_eval - n_dev), n_engine_eval=0)
-        if not (data_json.exists() and json.loads(data_json.read_text()) in (data_settings, subset) and eval_m.exists()):
+        subset = dict(data_settings, n_train=min(demo_train, len(chain_problems(seed)) - n_eval - n_dev),
+                      n_engine_eval=0)
+        if not (data_json.exists() and json.loads(data_json.read_text()) in (data_settings, subset)
+                and eval_m.exists()):
             make_data(data, subset["n_train"], n_eval, seed, voices, n_dev=n_dev, takes=takes, workers=workers,
                       augment=augment)
             data_json.write_text(json.dumps(subset))
@@ -829,7 +841,8 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
     if s1 is None:
         t0 = time.time()
         # the tokenizer is trained on every training question (all engines): a holdout build's equals the full one's
-        corpus = [r["text"] + " " + solution(r) for r in _rows(data / "train" / "manifest.jsonl")[0]] + [INSTRUCTION] * 50
+        corpus = ([r["text"] + " " + solution(r) for r in _rows(data / "train" / "manifest.jsonl")[0]]
+                  + [INSTRUCTION] * 50)
         processor = build_processor(corpus, chunk_seconds=chunk_seconds)
         model = build_model(processor, d_audio, audio_layers, d_text, text_layers, seed)
         clips = AudioCache(processor, train_rows, train_base)
@@ -859,8 +872,10 @@ def load_or_build(cache_dir=".cache/tiny_lalm", seed: int = 0, n_train: int | No
         slots = pseudo_audio_slots(model, head, clips)
 
     t0 = time.time()
-    s2 = train_audio(model, processor, clips, slots, dev_m, head, audio_max_steps, batch_size // 2, audio_lr,   # stage 2
-                     ce_weight=ce_weight, target_audio=target_audio, eval_every=eval_every, seed=seed, spec_aug=spec_aug)
+    # stage 2
+    s2 = train_audio(model, processor, clips, slots, dev_m, head, audio_max_steps, batch_size // 2, audio_lr,
+                     ce_weight=ce_weight, target_audio=target_audio, eval_every=eval_every, seed=seed,
+                     spec_aug=spec_aug)
     times["stage2_s"] = time.time() - t0
     t0 = time.time()
     ev = accuracy(model, processor, eval_m, n=n_stats)
@@ -905,16 +920,18 @@ def store_tied_head(weights: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-dir", default=".cache/tiny_lalm", help="where the model, its stages and data are cached")
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and training")
     p.add_argument("--target-audio", type=float, default=0.42, help="stage 2 stops at this dev audio accuracy")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--holdout", default=None, choices=sorted({engine(v) for v in VOICES}),
                    help="leave this TTS engine out of training (its clips stay in the data; scored as never heard)")
-    p.add_argument("--data-dir", default=None, help="voiced data folder (default: CACHE_DIR/data; share it between builds)")
+    p.add_argument("--data-dir", default=None,
+                   help="voiced data folder (default: CACHE_DIR/data; share it between builds)")
     p.add_argument("--shared-lm", default=None, help="a finished build whose language model (stage 1) is reused")
-    p.add_argument("--ship", action="store_true", help=f"build (never load the shipped one) and copy it to {SHIPPED.name}/")
+    p.add_argument("--ship", action="store_true",
+                   help=f"build (never load the shipped one) and copy it to {SHIPPED.name}/")
     a = p.parse_args(argv)
     load_or_build(a.cache_dir, a.seed, target_audio=a.target_audio, threads=a.threads, holdout=a.holdout,
                   data_dir=a.data_dir, shared_lm=a.shared_lm, shipped=None if a.ship else SHIPPED)
