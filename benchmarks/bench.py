@@ -1,12 +1,15 @@
-"""Benchmarks for cord.py (as nanoGPT's bench.py), run from the repository root: the per-step time split and the memory of the exact KL.
+"""Benchmarks for cord.py (as nanoGPT's bench.py), run from the repository root:
+the per-step time split and the memory of the exact KL.
 
     python -m benchmarks.bench --model tiny --steps 5                   # a CORD step on the tiny model (CPU)
     python -m benchmarks.bench --model qwen2-audio-7b --lora --gradient-checkpointing --prompts 8 --seconds 10
                                                              # random-init Qwen2-Audio-7B-Instruct config (GPU)
     python -m benchmarks.bench --model tiny --compile-rollout off       # the eager sampler (before/after the fast path)
-    python -m benchmarks.bench --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936, T = 512, B = 2
+    python -m benchmarks.bench --loss-memory                            # naive vs chunked Eq. 2 at V = 151,936,
+                                                                        # T = 512, B = 2
     python -m benchmarks.bench --judge                                  # RuleJudge on 1,000 pairs
-    python -m benchmarks.bench --sampler --max-new-tokens 200           # cord.sample alone: eager vs fast (tokens/s, greedy rows)
+    python -m benchmarks.bench --sampler --max-new-tokens 200           # cord.sample alone: eager vs fast
+                                                                        # (tokens/s, greedy rows)
     python -m benchmarks.bench --sampler --lora --samplers eager,fast,fast+merged,fast+merged+b4 --profile prof.txt
                                      # + LoRA merged for the rollout, + cache read in 4 buckets; torch.profiler tables
     bash benchmarks/gpu_rollout.sh                                      # the 7B LoRA rollout figures, one GPU script
@@ -72,7 +75,8 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
     """
     dev, dt = torch.device(device), getattr(torch, dtype)
     g = torch.Generator(device=dev).manual_seed(0)
-    new = lambda *shape, scale=1.0: torch.empty(*shape, dtype=dt, device=dev).normal_(0, scale, generator=g)  # no temporaries
+    # no temporaries
+    new = lambda *shape, scale=1.0: torch.empty(*shape, dtype=dt, device=dev).normal_(0, scale, generator=g)
     mask = torch.ones(B, T, dtype=torch.bool, device=dev)
     mask[1, T // 2:] = False
     y = torch.randint(0, V, (B, T), generator=g, device=dev)
@@ -103,8 +107,9 @@ def loss_memory_child(variant: str, V: int, T: int, B: int, C: int, dtype: str, 
 def loss_memory(a) -> dict:
     rows = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "benchmarks.bench", "--loss-memory-child", variant, "--V", str(a.V), "--T", str(a.T),
-               "--B", str(a.B), "--C", str(a.C), "--dtype", a.dtype, "--device", a.device]
+        cmd = [sys.executable, "-m", "benchmarks.bench", "--loss-memory-child", variant,
+               "--V", str(a.V), "--T", str(a.T), "--B", str(a.B), "--C", str(a.C),
+               "--dtype", a.dtype, "--device", a.device]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
@@ -138,8 +143,10 @@ def judge_bench(n: int = 1000) -> dict:
     def answer():
         a, d = rnd.randint(1, 999), rnd.randint(2, 99)
         return rnd.choice([(f"\\boxed{{{a}}}", str(a)), (f"\\boxed{{\\frac{{{a}}}{{{d}}}}}", f"{a / d:.6f}"),
-                           (f"the answer is {a:,} dollars.", f"{a} dollars"), (f"The answer is ({'ABCD'[a % 4]}).", "ABCD"[a % 4]),
-                           (f"so \\boxed{{{a}\\sqrt{{{d}}}}}", f"\\sqrt{{{a * a * d}}}"), (f"so {a} apples in total.", f"Answer: {a}")])
+                           (f"the answer is {a:,} dollars.", f"{a} dollars"),
+                           (f"The answer is ({'ABCD'[a % 4]}).", "ABCD"[a % 4]),
+                           (f"so \\boxed{{{a}\\sqrt{{{d}}}}}", f"\\sqrt{{{a * a * d}}}"),
+                           (f"so {a} apples in total.", f"Answer: {a}")])
 
     preds, refs = [], []
     for i in range(n):
@@ -179,7 +186,8 @@ class DecodeTimer:
         return y, m
 
 
-def decode_weight_bytes(lalm) -> int:  # the weights one decode step reads: decoder layers + norm + head, not the embedding table
+# the weights one decode step reads: decoder layers + norm + head, not the embedding table
+def decode_weight_bytes(lalm) -> int:
     head = list(lalm.base.get_output_embeddings().parameters())
     skip = {id(p) for p in lalm.base.get_input_embeddings().parameters()} - {id(p) for p in head}
     params = {id(p): p for p in [*lalm.base.get_decoder().parameters(), *head] if id(p) not in skip}
@@ -189,7 +197,8 @@ def decode_weight_bytes(lalm) -> int:  # the weights one decode step reads: deco
 def kv_bytes_per_token(lalm) -> int:  # keys + values of one position in every layer
     cfg, p = lalm.base.get_decoder().config, next(lalm.base.get_decoder().parameters())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim * p.element_size()
+    return (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) * head_dim
+            * p.element_size())
 
 
 def live_kv_positions(S: int, steps: int) -> int:  # positions a row's decode steps read in all, over one call
@@ -238,7 +247,8 @@ def build_bench_model(name: str, dtype, device):
         return build_model(processor).to(device, dtype), processor
     processor = build_processor([" ".join(words)] * 20, vocab_size=300, chunk_seconds=30, n_mels=128)
     tok = processor.tokenizer
-    config = Qwen2AudioConfig(**QWEN2_AUDIO_7B, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), pad_token_id=tok.pad_token_id)
+    config = Qwen2AudioConfig(**QWEN2_AUDIO_7B, audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
+                              pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in bf16 on the GPU
@@ -258,7 +268,8 @@ def bench_setup(a):  # -> lalm, `a.prompts` examples of `a.seconds` of noise, bu
         path = tempfile.mkdtemp()
         processor.save_pretrained(path)  # tokenizer, features, template; weights stay in memory
         lalm = LALM(model, processor.tokenizer, processor.feature_extractor, processor.chat_template,
-                         qwen2_audio_features, model.config.audio_token_index, [], [processor.tokenizer.eos_token_id], processor)
+                         qwen2_audio_features, model.config.audio_token_index, [], [processor.tokenizer.eos_token_id],
+                         processor)
         n_tok = len(processor.tokenizer)
         lalm.suppress_ids = [model.config.audio_token_index] + list(range(n_tok, model.config.text_config.vocab_size))
     else:
@@ -273,7 +284,8 @@ def bench_setup(a):  # -> lalm, `a.prompts` examples of `a.seconds` of noise, bu
     for i in range(a.prompts):
         audio = (0.05 * rng.standard_normal(int(16000 * a.seconds))).astype(np.float32)
         sf.write(f"{root}/{i}.wav", audio, 16000)
-        examples.append({"id": str(i), "audio_path": Path(f"{root}/{i}.wav"), "text": "what is two plus three " * 3, "answer": "5"})
+        examples.append({"id": str(i), "audio_path": Path(f"{root}/{i}.wav"), "text": "what is two plus three " * 3,
+                         "answer": "5"})
     return lalm, examples, build_s
 
 
@@ -391,7 +403,8 @@ def step_bench(a) -> dict:
     device = torch.device(a.device)
     dtype = torch.bfloat16 if (a.dtype == "bfloat16") else torch.float32
     args = cord.Args(model="bench", objective=a.objective, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
-                     batch_size=a.prompts, train="lora" if a.lora else "all", gradient_checkpointing=a.gradient_checkpointing,
+                     batch_size=a.prompts, train="lora" if a.lora else "all",
+                     gradient_checkpointing=a.gradient_checkpointing,
                      chunk_size=a.chunk_size, reward_ref="answer", compile_rollout=a.compile_rollout,
                      merge_lora=a.merge_lora)
     params = cord.configure_trainable(lalm, args.train, args.lora_r)
@@ -418,7 +431,8 @@ def step_bench(a) -> dict:
             rows.append(m)
         print(json.dumps({k: round(v, 4) for k, v in m.items() if k.startswith("t_")}), flush=True)
     mean = lambda k: float(np.mean([r.get(k, 0.0) for r in rows]))
-    out = {k: round(mean(k), 3) for k in ("t_step", "t_prompts", "t_rollout", "t_judge", "t_teacher", "t_student", "t_optimizer")}
+    out = {k: round(mean(k), 3)
+           for k in ("t_step", "t_prompts", "t_rollout", "t_judge", "t_teacher", "t_student", "t_optimizer")}
     core = out["t_rollout"] + out["t_teacher"] + out["t_student"] + out["t_optimizer"]
     out["overhead_s"] = round(out["t_step"] - core, 3)
     out["overhead_pct"] = round(100 * out["overhead_s"] / out["t_step"], 1)
@@ -468,7 +482,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--loss-memory", action="store_true", help="naive vs chunked Eq. 2, separate processes")
     p.add_argument("--judge", action="store_true", help="time RuleJudge on 1,000 pairs")
-    p.add_argument("--sampler", action="store_true", help="time cord.sample alone, eager vs fast; compare their greedy rows")
+    p.add_argument("--sampler", action="store_true",
+                   help="time cord.sample alone, eager vs fast; compare their greedy rows")
     p.add_argument("--loss-memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--T", type=int, default=512)
@@ -476,12 +491,20 @@ def main():
     p.add_argument("--C", type=int, default=1024, help="hidden size for the hidden-* variants")
     p.add_argument("--json", default=None, help="also write the result here")
     a = p.parse_args()
-    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") and not (a.loss_memory or a.loss_memory_child) else "float32")
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") and not (a.loss_memory or a.loss_memory_child)
+                          else "float32")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.loss_memory_child:
         print(json.dumps(loss_memory_child(a.loss_memory_child, a.V, a.T, a.B, a.C, a.dtype, a.device)))
         return
-    result = judge_bench() if a.judge else loss_memory(a) if a.loss_memory else sampler_bench(a) if a.sampler else step_bench(a)
+    if a.judge:
+        result = judge_bench()
+    elif a.loss_memory:
+        result = loss_memory(a)
+    elif a.sampler:
+        result = sampler_bench(a)
+    else:
+        result = step_bench(a)
     if a.json:
         open(a.json, "w").write(json.dumps(result, indent=1))
 
