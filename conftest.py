@@ -95,16 +95,19 @@ def qwen2_audio_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def omni_dir(tmp_path_factory, qwen2_audio_dir):
     """A tiny Qwen2.5-Omni thinker, saved with tokenizer + feature extractor (no processor: torchvision)."""
-    from transformers import AutoFeatureExtractor, AutoTokenizer, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import (AutoFeatureExtractor, AutoTokenizer, Qwen2_5OmniThinkerConfig,
+                              Qwen2_5OmniThinkerForConditionalGeneration)
 
     tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
     fe = AutoFeatureExtractor.from_pretrained(qwen2_audio_dir)
     config = Qwen2_5OmniThinkerConfig(
         audio_config=dict(num_mel_bins=fe.feature_size, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
                           d_model=32, output_dim=64, n_window=50, max_source_positions=fe.nb_max_frames // 2),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]),
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, rope_scaling={"type": "default", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_scaling={"type": "default", "mrope_section": [2, 3, 3]}),
         audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"),
         audio_start_token_id=tok.convert_tokens_to_ids("<|audio_bos|>"),
         audio_end_token_id=tok.convert_tokens_to_ids("<|audio_eos|>"),
@@ -118,7 +121,9 @@ def omni_dir(tmp_path_factory, qwen2_audio_dir):
     return path
 
 
-def run_main(tmp_path, model_dir, manifest, *extra, steps=2):  # `python cord.py --model ...` in this process, 2 prompts x 2 rollouts
-    argv = ["--model", str(model_dir), "--data", str(manifest), "--output", str(tmp_path / "run"), "--steps", str(steps),
-            "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "6", "--lr", "1e-3", "--chunk_size", "4", *extra]
+# `python cord.py --model ...` in this process, 2 prompts x 2 rollouts
+def run_main(tmp_path, model_dir, manifest, *extra, steps=2):
+    argv = ["--model", str(model_dir), "--data", str(manifest), "--output", str(tmp_path / "run"),
+            "--steps", str(steps), "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "6", "--lr", "1e-3",
+            "--chunk_size", "4", *extra]
     return cord.main(argv)
