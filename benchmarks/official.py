@@ -25,7 +25,8 @@ METRIC = {"voicebench:mmsu": "voicebench_mcq", "voicebench:openbookqa": "voicebe
 # ---------------------------------------------------------------------------
 # VoiceBench MCQ: letter extraction; [X] stands for the letter, tried as a, b, c, d in that order
 _VOICEBENCH_PHRASES = (
-    "答案是[X]", "答案是 [X]", "答案是选项[X]", "答案应该是[X]", "答案应该是 [X]", "答案就是选项[X]", "答案是‘[X]",
+    "答案是[X]", "答案是 [X]", "答案是选项[X]", "答案应该是[X]",
+    "答案应该是 [X]", "答案就是选项[X]", "答案是‘[X]",
     "是[X]：", "答案选[X]", "[X]是正确", "选项[X]是最合适的", "answer is: **[X]", "answer is **[X]",
     "the answer to the question is: **[X]",
     "the answer to the multiple-choice question is **[X]", "the answer is '[X]'", "[X] is the best answer",

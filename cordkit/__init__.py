@@ -1,1 +1,4 @@
-"""What cord.py needs but the paper does not say: model families, memory-bounded kernels, checkpoints and torchrun, the manifest contract."""
+"""What cord.py needs but the paper does not say, kept apart so that cord.py reads as the paper.
+
+Model families, memory-bounded kernels, checkpoints and torchrun, the manifest contract.
+"""
