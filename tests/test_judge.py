@@ -169,7 +169,8 @@ def test_judge_works_off_the_main_thread():
 def test_judge_cli(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["judge.py", "so the answer is \\boxed{\\frac{1}{2}}", "It is 0.5."])
     judge_main()
-    assert capsys.readouterr().out.split("\n")[:3] == ["answer a: '\\\\frac{1}{2}'", "answer b: 'It is 0.5'", "rule judge: 1"]
+    assert capsys.readouterr().out.split("\n")[:3] == ["answer a: '\\\\frac{1}{2}'", "answer b: 'It is 0.5'",
+                                                       "rule judge: 1"]
     monkeypatch.setattr("sys.argv", ["judge.py", "--gt", "She pays seven dollars.", "8"])
     judge_main()
     assert "rule judge: 0" in capsys.readouterr().out
@@ -257,14 +258,16 @@ def test_judge_model_uses_the_chat_template(judge_lm):
 SHAPES = [
     ("First 2x = 6, so x = 3", "3", True), ("Solving, we get x = 3.", "3", True), ("so x = 3", "4", False),
     ("Thus y=-4", "-4", True),
-    ("The correct option is A.", "A", True), ("The right choice is C", "C", True), ("The correct option is A.", "B", False),
+    ("The correct option is A.", "A", True), ("The right choice is C", "C", True),
+    ("The correct option is A.", "B", False),
     ("The correct answer is (B).", "B", True), ("Answer: B) London", "B", True),
     ("so \\boxed{\\text{(C)}}", "C", True), ("\\boxed{\\textbf{(D)}}", "D", True), ("\\boxed{\\text{B}}", "B", True),
     ("\\boxed{\\text{(C)}}", "D", False),
     ("She ate ½ of the pie.", "1/2", True), ("the answer is ¾", "0.75", True), ("It is 1½ hours", "1.5", True),
     ("½", "0.25", False),
     ("I would choose option B.", "B", True), ("I'd pick C", "C", True), ("I would select (D).", "D", True),
-    ("I would choose option B.", "C", False), ("b", "B", True), ("(c)", "C", True), ("a", "B", False), ("b", "4", False),
+    ("I would choose option B.", "C", False), ("b", "B", True), ("(c)", "C", True), ("a", "B", False),
+    ("b", "4", False),
 ]
 
 

@@ -17,7 +17,8 @@ TINY_QUESTIONS = ["What is seven plus six minus two?", "What is four minus one m
 
 
 def _tiny(corpus=TINY_QUESTIONS):
-    processor = tiny_lalm.build_processor([q + " 7+6=13. 13-2=11. The answer is 11." for q in corpus] * 4, vocab_size=300)
+    processor = tiny_lalm.build_processor([q + " 7+6=13. 13-2=11. The answer is 11." for q in corpus] * 4,
+                                          vocab_size=300)
     model = tiny_lalm.build_model(processor, d_audio=32, audio_layers=1, d_text=32, text_layers=1, seed=0)
     return model.eval(), processor
 
@@ -71,7 +72,8 @@ def test_tiny_solution_and_split():
     assert tiny_lalm.solution({"written": "What is 4 - 1 - 2?"}) == "4-1=3. 3-2=1. The answer is 1."
     problems = tiny_lalm.chain_problems(seed=0)
     assert len({p["written"] for p in problems}) == len(problems) > 2000
-    assert RuleJudge(ground_truth=True)([tiny_lalm.solution(p) for p in problems], [p["answer"] for p in problems]) == [1.0] * len(problems)
+    assert RuleJudge(ground_truth=True)([tiny_lalm.solution(p) for p in problems],
+                                        [p["answer"] for p in problems]) == [1.0] * len(problems)
     assert not any(ch.isdigit() for p in problems for ch in p["text"])              # spoken form only
 
 
@@ -84,7 +86,8 @@ def test_tiny_load_or_build_reduced(tmp_path):
     for k in ("acc_text", "acc_audio", "gap", "n", "stage1", "stage2", "params", "times", "build_minutes"):
         assert k in stats, k
     assert stats["n"] == 4 and stats["stage2"]["steps"] == 2
-    train, dev, ev = (read_manifest(tmp_path / "tiny" / "data" / s / "manifest.jsonl") for s in ("train", "dev", "eval"))
+    train, dev, ev = (read_manifest(tmp_path / "tiny" / "data" / s / "manifest.jsonl")
+                      for s in ("train", "dev", "eval"))
     assert len(train) == 6 and len(ev) == 4
     q = [{r["written"] for r in rows} for rows in (train, dev, ev)]
     assert not (q[0] & q[1]) and not (q[0] & q[2]) and not (q[1] & q[2])            # disjoint questions
@@ -95,7 +98,8 @@ def test_tiny_load_or_build_reduced(tmp_path):
     assert all(r["augment"] for r in train if "augment" in r) and not any("augment" in r for r in dev + ev)
     # a fresh clone: the shipped model (same settings) is loaded, only what the demo reads is voiced
     tiny_lalm.ship(tmp_path / "tiny", tmp_path / "shipped")
-    model3, _, train3, eval3 = tiny_lalm.load_or_build(tmp_path / "fresh", **kw, shipped=tmp_path / "shipped", demo_train=2)
+    model3, _, train3, eval3 = tiny_lalm.load_or_build(tmp_path / "fresh", **kw, shipped=tmp_path / "shipped",
+                                                       demo_train=2)
     assert len(read_manifest(train3)) == 2 and len(read_manifest(eval3)) == 4
     assert not (tmp_path / "fresh" / "model.safetensors").exists()
     for (k, a), (_, b) in zip(model.state_dict().items(), model3.state_dict().items()):
@@ -138,7 +142,8 @@ def test_tiny_pseudo_audio_loss_by_hand():
     exact[1, 3] = 5.0                                                           # beyond a_len: ignored
     assert tiny_lalm.pseudo_audio_loss(exact, a_len, slots, E, blank=0).item() == 0.0
     off = exact.clone()
-    off[0, 1] = 0.0                                                             # one word frame at 0: error 1 of 3 word frames
+    # one word frame at 0: error 1 of 3 word frames
+    off[0, 1] = 0.0
     # word frames: errors (1, 0, 0) -> mean 1/3; blank frames: 0; loss = 0.5 * 1/3
     assert abs(tiny_lalm.pseudo_audio_loss(off, a_len, slots, E, blank=0).item() - 1 / 6) < 1e-6
 
