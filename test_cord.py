@@ -82,7 +82,8 @@ def test_importance_weights_hand_table():
     w = importance_weights(D, mask, k=2, alpha=2.0)
     assert w.tolist() == [[1, 2, 2, 1, 1], [2, 2, 0, 0, 0], [2, 0, 0, 0, 0]]
     assert importance_weights(D, mask, k=20, alpha=3.0).tolist() == (mask * 3.0).tolist()  # T <= K: alpha everywhere
-    assert importance_weights(D, mask, k=torch.tensor([1, 1, 1])).tolist() == [[1, 2, 1, 1, 1], [2, 1, 0, 0, 0], [2, 0, 0, 0, 0]]
+    assert importance_weights(D, mask, k=torch.tensor([1, 1, 1])).tolist() == [[1, 2, 1, 1, 1], [2, 1, 0, 0, 0],
+                                                                              [2, 0, 0, 0, 0]]
 
 
 def test_importance_weights_vs_slow_loop():
@@ -216,17 +217,20 @@ def lalm_and_batch(model_dir, manifest, n=3):
 
 @pytest.mark.parametrize("fast, device, static", [("off", "cpu", False), ("auto", "cpu", False), ("on", "cpu", True),
                                                   ("auto", "cuda", True), ("off", "cuda", False)])
-def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, speech_data, qwen2_audio_dir, monkeypatch):
+def test_sample_takes_the_static_path_exactly_when_asked(fast, device, static, speech_data, qwen2_audio_dir,
+                                                         monkeypatch):
     """--compile_rollout: "on" always takes chunked.static_sample, "auto" only on CUDA, "off" never. Both paths give
-    the same tokens on CPU (test_cordkit/chunked.py), so only which one ran tells a wrong dispatch; the CUDA case is faked
-    (a prompt that says is_cuda), and the static path is a spy that returns fixed tokens."""
+    the same tokens on CPU (test_cordkit/chunked.py), so only which one ran tells a wrong dispatch; the CUDA case is
+    faked (a prompt that says is_cuda), and the static path is a spy that returns fixed tokens."""
     lalm, _, P = lalm_and_batch(qwen2_audio_dir, speech_data, n=2)
     x = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
     calls = []
-    monkeypatch.setattr(cord.chunked, "static_sample", lambda *a: calls.append(a) or (torch.zeros(4, 1, dtype=torch.long),
-                                                                                        torch.ones(4, 1, dtype=torch.bool)))
+    monkeypatch.setattr(cord.chunked, "static_sample",
+                        lambda *a: calls.append(a) or (torch.zeros(4, 1, dtype=torch.long),
+                                                       torch.ones(4, 1, dtype=torch.bool)))
     if device == "cuda":
-        x = type("CudaLike", (torch.Tensor,), {"is_cuda": property(lambda self: True)})(x)  # only sample's check sees CUDA
+        # only sample's check sees CUDA
+        x = type("CudaLike", (torch.Tensor,), {"is_cuda": property(lambda self: True)})(x)
         monkeypatch.setattr(cord.chunked, "static_supported", lambda decoder: decoder is lalm.base.get_decoder())
     y, m = cord.sample(lalm, x, P["audio_mask"], 2, 0.0, 3, fast=fast)
     assert len(calls) == static and (y.shape == (4, 1)) == static
@@ -258,7 +262,8 @@ def test_each_sampled_token_was_drawn_from_the_state_the_training_forward_comput
     mask = P["audio_mask"]
     assert (mask.sum(1) != mask.shape[1]).any()  # some prompt is padded
     seen = []
-    hook = lalm.base.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    hook = lalm.base.get_output_embeddings().register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     torch.manual_seed(0)
     y, m = cord.sample(lalm, x, mask, 2, 1.0, 8)
     hook.remove()
@@ -278,7 +283,8 @@ def test_greedy_sample_of_a_left_padded_batch_equals_each_prompt_alone(speech_da
     mask = P["audio_mask"]
     assert (mask.sum(1) != mask.shape[1]).any()  # some prompt is padded
     seen = []  # the hidden states the head reads at each step (tokens alone can hide a change on a random model)
-    hook = lalm.base.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    hook = lalm.base.get_output_embeddings().register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     y, m = cord.sample(lalm, x, mask, 1, 0.0, 8)
     batch, seen[:] = list(seen), []
     for b in range(3):
@@ -309,7 +315,8 @@ def test_aligned_completion_logits_equal_per_prefix_forward(family, speech_data,
             t_ids = P["text_ids"][b, P["text_mask"][b].bool()]
             for i in range(int(m[b].sum())):
                 ids = torch.cat([a_ids, y[b, :i]])[None]
-                ref = lalm.model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=P["features"][b:b + 1],
+                ref = lalm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 input_features=P["features"][b:b + 1],
                                  feature_attention_mask=P["feature_mask"][b:b + 1]).logits[0, -1]
                 torch.testing.assert_close(s[b, i], ref, atol=1e-4, rtol=1e-4)
                 ids = torch.cat([t_ids, y[b, :i]])[None]
@@ -320,7 +327,8 @@ def row_kinds(speech_data):
     """One row of each kind a manifest can hold, on real speech files (the audio content does not matter here)."""
     wav = str(speech_data.parent / "wavs/q0.wav")
     return [
-        {"id": "two-lines", "text": "Janet has 3 ducks.\nHow many eggs does she sell?", "answer": "3"},  # plain, multi-line
+        {"id": "two-lines", "text": "Janet has 3 ducks.\nHow many eggs does she sell?",
+         "answer": "3"},  # plain, multi-line
         {"id": "mcq", "text": "Which is a court? A. A bank. B. A tribunal.", "choices": ["A", "B"], "answer": "B"},
         {"id": "mmau", "prompt": "Which instrument plays? (A) piano (B) violin", "answer": "A"},  # audio-only
         {"id": "both", "text": "Listen to the tune.", "prompt": "Is it fast? (A) yes (B) no", "answer": "B"},
@@ -340,7 +348,8 @@ def test_the_audio_prompt_never_holds_the_transcript_for_any_row_kind(speech_dat
         for line in filter(None, row.get("text", "").split("\n") + ["A bank", "A tribunal"] * (row["id"] == "mcq")):
             assert line not in x_a, (row["id"], line)  # nothing of what the audio says is shown beside it
         if row.get("text"):
-            assert x_t.count(row["text"]) == 1 and x_t.count("A bank") == (row["id"] == "mcq")  # options once, in the text
+            # options once, in the text
+            assert x_t.count(row["text"]) == 1 and x_t.count("A bank") == (row["id"] == "mcq")
         if row.get("prompt"):
             assert x_a.count(row["prompt"]) == 1 and x_t.count(row["prompt"]) == 1  # shown in both
         assert x_a.count("<|AUDIO|>") > 10 and "<|AUDIO|>" not in x_t
@@ -350,11 +359,12 @@ def test_the_audio_prompt_never_holds_the_transcript_for_any_row_kind(speech_dat
 def test_audio_only_rows_are_evaluated_on_audio_and_skipped_by_training(tmp_path, speech_data, qwen2_audio_dir, capsys):
     rows, _ = row_kinds(speech_data)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps(dict(r, audio=str(speech_data.parent / "wavs/q0.wav"))) + "\n" for r in rows))
+    manifest.write_text("".join(json.dumps(dict(r, audio=str(speech_data.parent / "wavs/q0.wav"))) + "\n"
+                                for r in rows))
     only_audio = tmp_path / "audio_only.jsonl"
     only_audio.write_text(manifest.read_text().splitlines()[2] + "\n")
-    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(only_audio), "--output", str(tmp_path / "ev"),
-                   "--max_new_tokens", "3"])
+    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(only_audio),
+                   "--output", str(tmp_path / "ev"), "--max_new_tokens", "3"])
     assert s["n_scored"] == 1 and s["acc_audio"] in (0.0, 100.0) and s["acc_text"] is None and s["gap"] is None
     run_main(tmp_path, qwen2_audio_dir, manifest, "--objective", "opd", steps=1)
     assert "skipping 1 audio-only rows" in capsys.readouterr().out
@@ -369,7 +379,8 @@ def test_greedy_sampler_equals_generate_and_suppresses_audio_tokens(speech_data,
     y, m = cord.sample(lalm, x_a, P["audio_mask"], 2, 0.0, 8)  # (6, T): 2 greedy copies per prompt
     ref = lalm.model.generate(input_ids=P["audio_ids"], attention_mask=P["audio_mask"], input_features=P["features"],
                               feature_attention_mask=P["feature_mask"], max_new_tokens=8, do_sample=False,
-                              suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids, pad_token_id=lalm.tokenizer.pad_token_id)
+                              suppress_tokens=lalm.suppress_ids, eos_token_id=lalm.eos_ids,
+                              pad_token_id=lalm.tokenizer.pad_token_id)
     ref = ref[:, P["audio_ids"].shape[1]:]
     for b in range(3):
         for j in range(2):
@@ -465,8 +476,8 @@ def test_one_audio_encoding_per_prompt_per_step(tmp_path, speech_data, qwen2_aud
 
 
 def test_eval_mode_writes_items_and_summary(tmp_path, speech_data, qwen2_audio_dir):
-    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(speech_data), "--output", str(tmp_path),
-                   "--max_new_tokens", "6"])
+    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(speech_data),
+                   "--output", str(tmp_path), "--max_new_tokens", "6"])
     assert {"acc_text", "acc_audio", "gap", "kl_p50", "kl_p80", "kl_p95", "kl_by_position", "top_kl_tokens"} <= set(s)
     items = [json.loads(l) for l in open(tmp_path / "items.jsonl")]
     assert len(items) == len(QUESTIONS) and json.loads((tmp_path / "summary.json").read_text())["n"] == len(QUESTIONS)
@@ -505,7 +516,8 @@ def test_cord_steps_pull_the_audio_path_towards_the_text_teacher(speech_data, qw
 # The command line: `python cord.py` as users type it
 
 
-CHOICE_FLAGS = [f.name for f in fields(cord.Args) if typing.get_origin(typing.get_type_hints(cord.Args)[f.name]) is typing.Literal]
+CHOICE_FLAGS = [f.name for f in fields(cord.Args)
+                if typing.get_origin(typing.get_type_hints(cord.Args)[f.name]) is typing.Literal]
 
 
 @pytest.mark.parametrize("flag", CHOICE_FLAGS + ["compare_objectives", "no_such_flag"])
@@ -564,7 +576,8 @@ def test_bad_values_and_pairs_are_one_line_before_any_model_loads(argv, flag, ca
 
 
 def test_chunk_size_0_runs_the_reference_functions_with_the_same_losses(tmp_path, speech_data, qwen2_audio_dir):
-    """--chunk_size 0: the plain reference functions instead of cordkit/chunked.py; the same rollouts give the same losses."""
+    """--chunk_size 0: the plain reference functions instead of cordkit/chunked.py; the same rollouts give the same
+    losses."""
     for run, extra in (("fused", ()), ("reference", ("--chunk_size", "0"))):
         run_main(tmp_path / run, qwen2_audio_dir, speech_data, "--objective", "cord", "--seed", "2", *extra, steps=1)
     a, b = (json.loads((tmp_path / run / "run/metrics.jsonl").read_text()) for run in ("fused", "reference"))
@@ -577,38 +590,47 @@ def test_eval_data_is_evaluated_during_training_and_resumes_cleanly(tmp_path, sp
     """--eval_data a,b --eval_every 1: each set at step 0, 1, 2 in eval.jsonl; a run resumed from step 1 replaces
     (does not repeat) the lines after its checkpoint."""
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps(dict(json.loads(line), audio=str(speech_data.parent / json.loads(line)["audio"])))
+    other.write_text("".join(json.dumps(dict(json.loads(line),
+                                             audio=str(speech_data.parent / json.loads(line)["audio"])))
                              + "\n" for line in open(speech_data).read().splitlines()[:2]))
     sets = f"{speech_data},{other}"
-    common = ("--objective", "opd", "--eval_data", sets, "--eval_every", "1", "--save_every", "1", "--max_new_tokens", "3")
+    common = ("--objective", "opd", "--eval_data", sets, "--eval_every", "1", "--save_every", "1",
+              "--max_new_tokens", "3")
     run_main(tmp_path, qwen2_audio_dir, speech_data, *common, steps=2)
     lines = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
     assert [(r["step"], r["set"]) for r in lines] == [(s, p) for s in (0, 1, 2) for p in (str(speech_data), str(other))]
     assert [r["n"] for r in lines[:2]] == [len(QUESTIONS), 2] and all(r["acc_audio"] is not None for r in lines)
-    assert all((r["gap_reduction"] is not None) == (r["step"] > 0 and lines[i % 2]["gap"] != 0) for i, r in enumerate(lines))
-    (tmp_path / "run/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:4]) + '{"step": 2, "set": "stale"}\n')
+    assert all((r["gap_reduction"] is not None) == (r["step"] > 0 and lines[i % 2]["gap"] != 0)
+               for i, r in enumerate(lines))
+    (tmp_path / "run/eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:4])
+                                             + '{"step": 2, "set": "stale"}\n')
     shutil.rmtree(tmp_path / "run/checkpoint-000002"), shutil.rmtree(tmp_path / "run/final")
     run_main(tmp_path, qwen2_audio_dir, speech_data, *common, "--resume", "true", steps=2)  # from checkpoint-000001
     again = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["set"]) for r in again] == [(r["step"], r["set"]) for r in lines]  # stale step-2 lines replaced
+    # stale step-2 lines replaced
+    assert [(r["step"], r["set"]) for r in again] == [(r["step"], r["set"]) for r in lines]
 
 
-def test_a_speech_set_and_an_audio_only_set_evaluated_during_training_print_one_table(tmp_path, speech_data, qwen2_audio_dir,
-                                                                                        capsys, monkeypatch):
+def test_a_speech_set_and_an_audio_only_set_evaluated_during_training_print_one_table(tmp_path, speech_data,
+                                                                                        qwen2_audio_dir, capsys,
+                                                                                        monkeypatch):
     """One command trains with a spoken-math set and an MMAU-style audio-only set (a `prompt` with the options, a
     `category`) evaluated every step, and prints the table per set and the mean gap reduction. The accuracy by
-    category is checked first with every completion made to say B: sound rows (answers A, B) 50 %, speech (B, B) 100 %."""
+    category is checked first with every completion made to say B: sound rows (answers A, B) 50 %, speech (B, B)
+    100 %."""
     mmau = tmp_path / "mmau/manifest.jsonl"
     mmau.parent.mkdir()
-    rows = [{"id": f"m{i}", "audio": str(speech_data.parent / f"wavs/q{i}.wav"), "prompt": "What is heard? A. a dog B. a voice",
+    rows = [{"id": f"m{i}", "audio": str(speech_data.parent / f"wavs/q{i}.wav"),
+             "prompt": "What is heard? A. a dog B. a voice",
              "choices": ["A", "B"], "answer": "AB"[i > 0], "category": ["sound", "speech"][i % 2]} for i in range(4)]
     mmau.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with monkeypatch.context() as m:
         m.setattr(cord, "decode", lambda lalm, y, y_mask: ["So the correct option is B."] * len(y))
-        s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(mmau), "--output", str(tmp_path / "ev"),
-                       "--max_new_tokens", "3"])
+        s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(mmau),
+                       "--output", str(tmp_path / "ev"), "--max_new_tokens", "3"])
     items = [json.loads(line) for line in open(tmp_path / "ev/items.jsonl")]
-    by_hand = {c: 100.0 * np.mean([it["audio_correct"] for it in items if it["category"] == c]) for c in ("sound", "speech")}
+    by_hand = {c: 100.0 * np.mean([it["audio_correct"] for it in items if it["category"] == c])
+               for c in ("sound", "speech")}
     assert s["acc_audio_by_category"] == by_hand == {"sound": 50.0, "speech": 100.0} and s["acc_text"] is None
     capsys.readouterr()
     run_main(tmp_path, qwen2_audio_dir, speech_data, "--objective", "opd", "--eval_data", f"{speech_data},{mmau}",
@@ -618,7 +640,8 @@ def test_a_speech_set_and_an_audio_only_set_evaluated_during_training_print_one_
     assert [(r["step"], r["set"]) for r in lines] == [(s, p) for s in (0, 1, 2) for p in (str(speech_data), str(mmau))]
     assert all(r["gap"] is None and set(r["acc_audio_by_category"]) == {"sound", "speech"} for r in lines[1::2])
     speech, last = evaluation.set_label(str(speech_data)), lines[-2]
-    assert f"| {speech} | {len(QUESTIONS)} | " in out and "| mmau | 4 | n/a → n/a | " in out and "| mmau | sound | " in out
+    assert (f"| {speech} | {len(QUESTIONS)} | " in out and "| mmau | 4 | n/a → n/a | " in out
+            and "| mmau | sound | " in out)
     assert "Mean gap reduction over" in out and out.count("speech set(s)") == 1
     if last["gap_reduction"] is not None:
         assert f"{100 * last['gap_reduction']:.1f} %" in out.split("Mean gap reduction")[1].splitlines()[0]
@@ -626,24 +649,29 @@ def test_a_speech_set_and_an_audio_only_set_evaluated_during_training_print_one_
 
 
 def test_eval_without_answers_says_not_scored(tmp_path, speech_data, qwen2_audio_dir, capsys):
-    rows = [dict(json.loads(line), audio=str(speech_data.parent / json.loads(line)["audio"])) for line in open(speech_data)]
+    rows = [dict(json.loads(line), audio=str(speech_data.parent / json.loads(line)["audio"]))
+            for line in open(speech_data)]
     manifest = tmp_path / "no_answers.jsonl"
     manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) + "\n" for r in rows[:2]))
-    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(manifest), "--output", str(tmp_path / "ev"),
-                   "--max_new_tokens", "4"])
+    s = cord.main(["--eval", "true", "--model", str(qwen2_audio_dir), "--data", str(manifest),
+                   "--output", str(tmp_path / "ev"), "--max_new_tokens", "4"])
     assert s["n_scored"] == 0 and s["acc_text"] is None and s["acc_audio"] is None and s["gap"] is None
     assert "not scored" in capsys.readouterr().out
 
 
 def test_audio_longer_than_the_encoder_window_is_refused_before_the_model_loads(tmp_path, qwen2_audio_dir, monkeypatch):
-    sf.write(tmp_path / "long.wav", (0.1 * np.random.default_rng(0).standard_normal(16000 * 5)).astype(np.float32), 16000)
-    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "long", "audio": "long.wav", "text": "a long question", "answer": "1"}) + "\n")
+    sf.write(tmp_path / "long.wav", (0.1 * np.random.default_rng(0).standard_normal(16000 * 5)).astype(np.float32),
+             16000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "long", "audio": "long.wav", "text": "a long question",
+                                                  "answer": "1"}) + "\n")
     monkeypatch.setattr(cord, "setup", lambda args: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit, match="1 of 1 clips are longer than the model's 4 s audio window"):
-        cord.main(["--model", str(qwen2_audio_dir), "--data", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "run")])
+        cord.main(["--model", str(qwen2_audio_dir), "--data", str(tmp_path / "m.jsonl"),
+                   "--output", str(tmp_path / "run")])
     monkeypatch.undo()
-    s = cord.main(["--eval", "true", "--long_audio", "cut", "--model", str(qwen2_audio_dir), "--data", str(tmp_path / "m.jsonl"),
-                   "--output", str(tmp_path / "ev"), "--max_new_tokens", "2"])  # as VoiceBench's harness: the first 4 s are heard
+    # as VoiceBench's harness: the first 4 s are heard
+    s = cord.main(["--eval", "true", "--long_audio", "cut", "--model", str(qwen2_audio_dir),
+                   "--data", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "ev"), "--max_new_tokens", "2"])
     assert s["n"] == 1
 
 
@@ -656,7 +684,8 @@ def test_audio_longer_than_the_encoder_window_is_refused_before_the_model_loads(
 B_W, G_W = 4, 3
 ANSWERS_W = [a for _, a in QUESTIONS[:B_W]]  # ground truth: 5, 3, 7, 4
 YHAT_W = ["5", "4", "7", "4"]  # what each prompt's text path answers (y_hat): prompt 1 reads it wrong
-GROUP_W = [["5", "3", "7"], ["3", "4", "4"], ["7", "7", "5"], ["4", "4", "4"]]  # the answers of each prompt's G rollouts
+# the answers of each prompt's G rollouts
+GROUP_W = [["5", "3", "7"], ["3", "4", "4"], ["7", "7", "5"], ["4", "4", "4"]]
 
 
 def opd_text(b):  # the OPD rollout (tau) of prompt b
@@ -674,7 +703,8 @@ def yhat_text(b):  # y_hat ~ pi(.|x_t) of prompt b
 def fixed_sample(lalm):
     """Stands in for cord.sample: sample j of prompt b is fixed text naming b (and j), right-padded, EOS included."""
 
-    def fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, fast="off"):  # max_new_tokens ignored: fixed texts
+    # max_new_tokens ignored: fixed texts
+    def fake(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, fast="off"):
         B = prompt_embeds.shape[0]
         if isinstance(temperature, list):  # x_a: one tau per sample, the OPD row at tau, the GRPO rows at tau_grpo
             assert len(temperature) == n and set(temperature) <= {Args.temperature, Args.grpo_temperature}
@@ -685,7 +715,8 @@ def fixed_sample(lalm):
         ids = [lalm.tokenizer(t, add_special_tokens=False)["input_ids"] + [lalm.eos_ids[0]] for t in texts]
         T = max(map(len, ids))
         y = torch.tensor([row + [lalm.tokenizer.pad_token_id] * (T - len(row)) for row in ids], device=lalm.device)
-        return y, torch.arange(T, device=lalm.device)[None] < torch.tensor([len(row) for row in ids], device=lalm.device)[:, None]
+        return y, (torch.arange(T, device=lalm.device)[None]
+                   < torch.tensor([len(row) for row in ids], device=lalm.device)[:, None])
 
     return fake
 
@@ -716,8 +747,10 @@ def recording_judge(args, lalm, seen):  # the rule judges of make_judge, recordi
 
 
 @pytest.mark.parametrize("reward_ref", ["text", "answer", "both"])
-def test_each_rollout_is_judged_against_its_own_prompts_reference(reward_ref, speech_data, qwen2_audio_dir, monkeypatch):
-    """Row b*G + j of the group (rollout j of prompt b) meets prompt b's y_hat and prompt b's answer, never another's."""
+def test_each_rollout_is_judged_against_its_own_prompts_reference(reward_ref, speech_data, qwen2_audio_dir,
+                                                                  monkeypatch):
+    """Row b*G + j of the group (rollout j of prompt b) meets prompt b's y_hat and prompt b's answer, never
+    another's."""
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, reward_ref=reward_ref)
     seen, rewards = {}, []
     real_rewards_for = cord.rewards_for
@@ -747,9 +780,12 @@ def test_each_rollout_is_judged_against_its_own_prompts_reference(reward_ref, sp
 
 
 @pytest.mark.parametrize("adv_scale", ["none", "std"])
-def test_advantages_are_taken_within_each_prompts_group_of_G_rows(adv_scale, speech_data, qwen2_audio_dir, monkeypatch):
-    """Eq. 9 per prompt: rewards (both) 100 | 000 | 110 | 111 -> A over rows b*G..b*G+G-1, and exactly these A reach Eq. 10."""
-    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, reward_ref="both", adv_scale=adv_scale)
+def test_advantages_are_taken_within_each_prompts_group_of_G_rows(adv_scale, speech_data, qwen2_audio_dir,
+                                                                  monkeypatch):
+    """Eq. 9 per prompt: rewards (both) 100 | 000 | 110 | 111 -> A over rows b*G..b*G+G-1, and exactly these A reach
+    Eq. 10."""
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, reward_ref="both",
+                                             adv_scale=adv_scale)
     seen = []
     real_grpo_loss = cord.grpo_loss
 
@@ -763,16 +799,19 @@ def test_advantages_are_taken_within_each_prompts_group_of_G_rows(adv_scale, spe
     # r - mean(r) within each group of 3: 1 0 0 -> 2/3 -1/3 -1/3; 0 0 0 and 1 1 1 -> 0; 1 1 0 -> 1/3 1/3 -2/3
     want = torch.tensor([2, -1, -1, 0, 0, 0, 1, 1, -2, 0, 0, 0]) / 3
     if adv_scale == "std":
-        want = want / (math.sqrt(1 / 3) + 1e-4)  # both non-constant groups have unbiased std sqrt(1/3); constant ones stay 0
+        # both non-constant groups have unbiased std sqrt(1/3); constant ones stay 0
+        want = want / (math.sqrt(1 / 3) + 1e-4)
     torch.testing.assert_close(A, want)
-    lengths = [len(lalm.tokenizer(group_text(b, j), add_special_tokens=False)["input_ids"]) + 1 for b in range(B_W) for j in range(G_W)]
+    lengths = [len(lalm.tokenizer(group_text(b, j), add_special_tokens=False)["input_ids"]) + 1
+               for b in range(B_W) for j in range(G_W)]
     assert mask.sum(-1).tolist() == lengths  # the group rows, in the same order (+1: EOS)
     assert m["zero_spread_frac"] == 0.5  # prompts 1 and 3
 
 
 @pytest.mark.parametrize("opd_rollout", ["separate", "group"])
 def test_teacher_rows_line_up_with_the_student_rows(opd_rollout, speech_data, qwen2_audio_dir, monkeypatch):
-    """Teacher row r reads the transcript of the example whose audio student row r hears, and scores the same completion."""
+    """Teacher row r reads the transcript of the example whose audio student row r hears, and scores the same
+    completion."""
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, opd_rollout=opd_rollout)
     x_a, teacher_calls, student_calls = [], [], []
     real_embed, real_hidden, real_teacher = cord.embed_prompts, cord.completion_hidden, cord.Teacher.hidden
@@ -799,7 +838,8 @@ def test_teacher_rows_line_up_with_the_student_rows(opd_rollout, speech_data, qw
     (x_a,), ((t_ids, t_mask, t_y, t_m),), ((s_emb, s_y, s_m),) = x_a, teacher_calls, student_calls
     assert all(not torch.equal(x_a[b], x_a[c]) for b in range(B_W) for c in range(b))  # the B audio prompts differ
     group = [(b, group_text(b, j)) for b in range(B_W) for j in range(G_W)]
-    # the student's rows: the L_tok rows first (the OPD rows, or the group itself with --opd_rollout group), then the group
+    # the student's rows: the L_tok rows first (the OPD rows, or the group itself with --opd_rollout group),
+    # then the group
     tok_rows = [(b, opd_text(b)) for b in range(B_W)] if opd_rollout == "separate" else group
     student_rows = tok_rows + group if opd_rollout == "separate" else group
     decode = lambda ids: lalm.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
@@ -809,13 +849,16 @@ def test_teacher_rows_line_up_with_the_student_rows(opd_rollout, speech_data, qw
     assert t_ids.shape[0] == len(tok_rows)
     for r, (b, text) in enumerate(tok_rows):
         prompt = decode(t_ids[r][t_mask[r].bool()])
-        assert [ex["text"] in prompt for ex in examples] == [c == b for c in range(B_W)], prompt  # prompt b's transcript only
+        # prompt b's transcript only
+        assert [ex["text"] in prompt for ex in examples] == [c == b for c in range(B_W)], prompt
         assert lalm.audio_token_id not in t_ids[r].tolist()
-        assert torch.equal(t_y[r][t_m[r]], s_y[r][s_m[r]]) and decode(t_y[r][t_m[r]]) == text  # the same completion tokens
+        # the same completion tokens
+        assert torch.equal(t_y[r][t_m[r]], s_y[r][s_m[r]]) and decode(t_y[r][t_m[r]]) == text
 
 
 def test_total_loss_gradient_is_L_tok_plus_lambda_L_seq(speech_data, qwen2_audio_dir, monkeypatch):
-    """The gradient train_step leaves in .grad is grad L_tok + lam grad L_seq (lam = 0.3), each term's gradient taken alone."""
+    """The gradient train_step leaves in .grad is grad L_tok + lam grad L_seq (lam = 0.3), each term's gradient taken
+    alone."""
     lam = 0.3
     lalm, params, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, lam=lam)
     alone = {}
@@ -825,7 +868,8 @@ def test_total_loss_gradient_is_L_tok_plus_lambda_L_seq(speech_data, qwen2_audio
         def spy(*a, **kw):
             out = real(*a, **kw)
             g = torch.autograd.grad(out[0], params, retain_graph=True, allow_unused=True)
-            alone[name] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten() for gi, p in zip(g, params)])
+            alone[name] = torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                     for gi, p in zip(g, params)])
             return out
         return spy
 
@@ -850,7 +894,8 @@ def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_
     backward of train_step, p.grad is the coefficient with which that term entered the total loss."""
     lam, alpha, beta = 0.3, 3.0, 2.5
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective, lam=lam,
-                                             alpha=alpha, beta=beta, reward_ref="both", normalize="length", grpo_reduction="token")
+                                             alpha=alpha, beta=beta, reward_ref="both", normalize="length",
+                                             grpo_reduction="token")
     probes, values, passed = {}, {}, {}
 
     def probed(name, real):
@@ -869,15 +914,16 @@ def test_each_objective_carries_exactly_its_terms(objective, speech_data, qwen2_
         monkeypatch.setattr(cord, fn, probed(name, getattr(cord, fn)))
     judge = cord.make_judge(args, lalm) if objective in ("cord", "grpo", "opd+grpo") else None
     _, m = cord.train_step(lalm, teacher, judge, examples, args)
-    want = {"cord": {"tok": 1.0, "seq": lam}, "opd": {"tok": 1.0}, "grpo": {"seq": lam}, "opd+grpo": {"tok": 1.0, "seq": lam},
-            "sft": {"baseline": 1.0}, "fkl": {"baseline": 1.0}}[objective]
+    want = {"cord": {"tok": 1.0, "seq": lam}, "opd": {"tok": 1.0}, "grpo": {"seq": lam},
+            "opd+grpo": {"tok": 1.0, "seq": lam}, "sft": {"baseline": 1.0}, "fkl": {"baseline": 1.0}}[objective]
     assert {name: p.grad.item() for name, p in probes.items()} == pytest.approx(want)
     if "tok" in want:  # Eq. 4-5 weights for cord, uniform (Eq. 3) for opd and opd+grpo
         assert passed["tok"] == ((alpha, beta) if objective == "cord" else (1.0, 1.0)) + ("length",)
     if "seq" in want:
         assert passed["seq"] == (args.clip_eps, args.group_size, "token")
     assert m["loss"] == pytest.approx(sum(c * values[name] for name, c in want.items()), abs=1e-6)
-    assert ("loss_tok" in m, "loss_seq" in m, f"loss_{objective}" in m) == ("tok" in want, "seq" in want, "baseline" in want)
+    assert (("loss_tok" in m, "loss_seq" in m, f"loss_{objective}" in m)
+            == ("tok" in want, "seq" in want, "baseline" in want))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -894,7 +940,8 @@ def slow_logp(logits, y):  # log softmax(logits)[y] for one position, plain Pyth
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_mut_both_kl_directions_and_logprobs_per_position_zero_on_padding(chunk_size):
     """Every position of D (reverse), the forward KL and log pi(y_t), on both paths of training (chunk_size None: in
-    one piece; 3: chunked), against a slow loop; padding holds huge logits but D and the forward KL are exactly 0 there."""
+    one piece; 3: chunked), against a slow loop; padding holds huge logits but D and the forward KL are exactly 0
+    there."""
     s, t, mask = rand_case(B=3, T=5, V=7, seed=11)
     s[~mask], t[~mask] = 1e4 * s[~mask], -1e4 * t[~mask]
     y = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
@@ -1023,7 +1070,8 @@ def test_mut_grpo_advantages_default_is_std_and_handles_groups_of_two():
     s = math.sqrt(0.5)  # unbiased std of (1, 0)
     torch.testing.assert_close(A, torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0.5, -0.5]) / (s + 1e-4))
     assert A.dtype == torch.float32 and A.shape == (8,)
-    torch.testing.assert_close(grpo_advantages(r, 2, "std", eps=1.0), torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0.5, -0.5]) / (s + 1))
+    torch.testing.assert_close(grpo_advantages(r, 2, "std", eps=1.0),
+                               torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0.5, -0.5]) / (s + 1))
 
 
 def fake_judge(verdicts):  # a judge answering from a table {(completion, reference): 0 or 1}, recording its calls
@@ -1051,7 +1099,8 @@ def test_mut_rewards_for_every_mode_hand_table():
     r = cord.rewards_for((text_j, gt_j), completions, [None] * 4, [7, 1, "x", 0], "answer")
     assert r.tolist() == [0, 1, 1, 1] and r.dtype == torch.float32 and len(gt_calls) == 4
     assert text_calls == []  # no y_hat is judged with --reward_ref answer
-    with pytest.raises(SystemExit, match="^--reward_ref answer: an example has no 'answer'; use --reward_ref text or both$"):
+    with pytest.raises(SystemExit,
+                       match="^--reward_ref answer: an example has no 'answer'; use --reward_ref text or both$"):
         cord.rewards_for((text_j, gt_j), completions, [None] * 4, answers, "answer")
 
 
@@ -1119,7 +1168,8 @@ def test_mut_baseline_losses_vs_slow_loop(chunk_size):
     assert got_fkl.item() == pytest.approx(sum(fkl) / 3, rel=1e-5)
 
 
-def text_path(lalm, P, y, m):  # the teacher's hidden states computed directly: eval mode, no grad, x_t = the transcript prompt
+# the teacher's hidden states computed directly: eval mode, no grad, x_t = the transcript prompt
+def text_path(lalm, P, y, m):
     lalm.model.eval()
     with torch.no_grad():
         return cord.completion_hidden(lalm, cord.embed_prompts(lalm, P["text_ids"]), P["text_mask"], y, m)
@@ -1204,8 +1254,9 @@ def test_mut_sampler_draws_each_row_at_its_own_temperature(speech_data, qwen2_au
     head = lalm.base.get_output_embeddings()
     x_a = cord.embed_prompts(lalm, P["audio_ids"], P["features"], P["feature_mask"]).detach()
     with torch.no_grad():
+        # (B, V) the first token's logits
         first = cord.completion_logits(lalm, x_a, P["audio_mask"], torch.zeros(2, 1, dtype=torch.long),
-                                       torch.ones(2, 1, dtype=torch.bool))[:, 0].double()  # (B, V) the first token's logits
+                                       torch.ones(2, 1, dtype=torch.bool))[:, 0].double()
         scale = 2.0 / first.std().item()  # logits spread (std 2) so that the temperatures differ clearly
         head.weight.mul_(scale)
     first = first * scale
@@ -1227,7 +1278,8 @@ def test_mut_sampler_draws_each_row_at_its_own_temperature(speech_data, qwen2_au
             assert abs(drawn.mean().item() - mean) < 5 * sd / math.sqrt(reps), (b, tau)
 
 
-def translated_sample(lalm, args):  # fixed_sample for any temperatures: args.temperature plays the OPD row, others the GRPO rows
+# fixed_sample for any temperatures: args.temperature plays the OPD row, others the GRPO rows
+def translated_sample(lalm, args):
     fake, calls = fixed_sample(lalm), []
 
     def sample(_lalm, prompt_embeds, prompt_mask, n, temperature, max_new_tokens, fast="off"):
@@ -1241,7 +1293,8 @@ def translated_sample(lalm, args):  # fixed_sample for any temperatures: args.te
     return sample, calls
 
 
-ROLLOUT_CASES = [  # objective, extra args -> the sample calls (rows, n, temperature, max_new_tokens): x_a first, then x_t
+# objective, extra args -> the sample calls (rows, n, temperature, max_new_tokens): x_a first, then x_t
+ROLLOUT_CASES = [
     ("cord", {}, [(B_W, 1 + G_W, [1.0] + [1.5] * G_W, 6), (B_W, 1, 0.3, 6)]),
     ("cord", {"opd_rollout": "group", "reward_ref": "answer"}, [(B_W, G_W, [1.5] * G_W, 6)]),
     ("opd", {}, [(B_W, 1, [1.0], 6)]),
@@ -1255,7 +1308,8 @@ ROLLOUT_CASES = [  # objective, extra args -> the sample calls (rows, n, tempera
 def test_mut_rollouts_sample_what_each_objective_needs_and_the_step_logs_it(objective, extra, want, speech_data,
                                                                              qwen2_audio_dir, monkeypatch):
     """The sampler calls of one step (prompts, n, temperatures, T), the metrics train_step logs about them, the
-    prompts it builds (the user's instruction and system prompt) and the teacher passes (only where a loss reads them)."""
+    prompts it builds (the user's instruction and system prompt) and the teacher passes (only where a loss reads
+    them)."""
     lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective,
                                              ref_temperature=0.3, compile_rollout="on", instruction="Say the answer.",
                                              system_prompt="Be brief.", **extra)
@@ -1300,13 +1354,14 @@ GRPO_TAU_CASES = [  # objective, opd_rollout, grpo_logp_temperature, tau_grpo, k
 
 
 @pytest.mark.parametrize("objective,opd_rollout,mode,tau_grpo,k_frac,tau", GRPO_TAU_CASES)
-def test_mut_student_loss_takes_log_pi_at_the_right_tau_and_K_per_sequence(objective, opd_rollout, mode, tau_grpo, k_frac,
-                                                                            tau, speech_data, qwen2_audio_dir, monkeypatch):
+def test_mut_student_loss_takes_log_pi_at_the_right_tau_and_K_per_sequence(objective, opd_rollout, mode, tau_grpo,
+                                                                            k_frac, tau, speech_data, qwen2_audio_dir,
+                                                                            monkeypatch):
     """Eq. 10's log pi(y_t) = log softmax(logits / tau)[y_t], against the model's own completion logits; the K of Eq. 4
     handed to the token loss is --k, or ceil(k_frac * T) per sequence with --k_frac (departure 8)."""
-    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective, k=3, k_frac=k_frac,
-                                             opd_rollout=opd_rollout, grpo_logp_temperature=mode, grpo_temperature=tau_grpo,
-                                             reward_ref="answer")
+    lalm, _, teacher, examples, args = wired(qwen2_audio_dir, speech_data, monkeypatch, objective=objective, k=3,
+                                             k_frac=k_frac, opd_rollout=opd_rollout, grpo_logp_temperature=mode,
+                                             grpo_temperature=tau_grpo, reward_ref="answer")
     sample, _ = translated_sample(lalm, args)
     monkeypatch.setattr(cord, "sample", sample)
     seen, real_loss, real_tok, real_student = {}, cord.grpo_loss, cord.weighted_token_loss, cord.student_loss
@@ -1330,7 +1385,8 @@ def test_mut_student_loss_takes_log_pi_at_the_right_tau_and_K_per_sequence(objec
     y, m = seen["group"]
     lalm.model.eval()
     with torch.no_grad():
-        logits = cord.completion_logits(lalm, seen["x_a"].repeat_interleave(G_W, 0), seen["m_a"].repeat_interleave(G_W, 0), y, m)
+        logits = cord.completion_logits(lalm, seen["x_a"].repeat_interleave(G_W, 0),
+                                        seen["m_a"].repeat_interleave(G_W, 0), y, m)
     want = torch.log_softmax(logits.double() / tau, -1).gather(-1, y[..., None])[..., 0]  # (B*G, T)
     torch.testing.assert_close(seen["logp"][m].double(), want[m], atol=2e-5, rtol=1e-5)
     other = torch.log_softmax(logits.double() / (tau + 0.5), -1).gather(-1, y[..., None])[..., 0]  # another temperature
@@ -1348,10 +1404,12 @@ def test_mut_grpo_loss_default_eps_one_token_batches_and_clip_boundaries():
     logp = torch.randn(3, 4, generator=g) * 0.3
     old = logp + torch.randn(3, 4, generator=g) * 0.3
     A, mask = torch.tensor([1.0, -0.5, 0.7]), torch.arange(4)[None] < torch.tensor([4, 2, 3])[:, None]
-    loss, m = grpo_loss(logp, old, A, mask)  # defaults: eps = 0.2, sequence reduction (lengths differ: not the token mean)
+    # defaults: eps = 0.2, sequence reduction (lengths differ: not the token mean)
+    loss, m = grpo_loss(logp, old, A, mask)
     want, clip = slow_grpo(logp, old, A, mask, 0.2, "sequence")
     assert loss.item() == pytest.approx(want, rel=1e-5) and m["clip_frac"] == pytest.approx(clip) and clip > 0
-    one, one_mask = torch.tensor([[math.log(2.0), 0.0]]), torch.tensor([[True, False]])  # rho = 2, A = 1: clipped at 1.2
+    # rho = 2, A = 1: clipped at 1.2
+    one, one_mask = torch.tensor([[math.log(2.0), 0.0]]), torch.tensor([[True, False]])
     for reduction in ("sequence", "token"):
         loss, m = grpo_loss(one, torch.zeros(1, 2), torch.tensor([1.0]), one_mask, reduction=reduction)
         assert loss.item() == pytest.approx(-1.2) and m["clip_frac"] == 1.0
