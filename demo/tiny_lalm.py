@@ -902,7 +902,20 @@ def ship(cache_dir, dest=SHIPPED) -> list[Path]:
     for f in files:
         shutil.copy2(f, dest / f.name)
     store_tied_head(dest / "model.safetensors")
+    portable_tokenizer_config(dest / "tokenizer_config.json")
     return [dest / f.name for f in files]
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """A tokenizer config that transformers 4.57 reads too: 5.x writes tokenizer_class TokenizersBackend and a list
+    under extra_special_tokens, which 4.57 cannot load; PreTrainedTokenizerFast with additional_special_tokens gives
+    the same ids, special tokens and chat template on both (tests/test_install.py loads the shipped model)."""
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def store_tied_head(weights: Path) -> None:

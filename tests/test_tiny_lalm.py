@@ -98,8 +98,12 @@ def test_tiny_load_or_build_reduced(tmp_path):
     assert all(r["augment"] for r in train if "augment" in r) and not any("augment" in r for r in dev + ev)
     # a fresh clone: the shipped model (same settings) is loaded, only what the demo reads is voiced
     tiny_lalm.ship(tmp_path / "tiny", tmp_path / "shipped")
-    model3, _, train3, eval3 = tiny_lalm.load_or_build(tmp_path / "fresh", **kw, shipped=tmp_path / "shipped",
-                                                       demo_train=2)
+    model3, processor3, train3, eval3 = tiny_lalm.load_or_build(tmp_path / "fresh", **kw, shipped=tmp_path / "shipped",
+                                                                demo_train=2)
+    shipped = json.loads((tmp_path / "shipped" / "tokenizer_config.json").read_text())  # readable by 4.57 too
+    assert shipped["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in shipped
+    text = "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>What is two plus three?<|im_end|>"
+    assert processor3.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
     assert len(read_manifest(train3)) == 2 and len(read_manifest(eval3)) == 4
     assert not (tmp_path / "fresh" / "model.safetensors").exists()
     for (k, a), (_, b) in zip(model.state_dict().items(), model3.state_dict().items()):
