@@ -101,7 +101,8 @@ def test_tiny_load_or_build_reduced(tmp_path):
     model3, processor3, train3, eval3 = tiny_lalm.load_or_build(tmp_path / "fresh", **kw, shipped=tmp_path / "shipped",
                                                                 demo_train=2)
     shipped = json.loads((tmp_path / "shipped" / "tokenizer_config.json").read_text())  # readable by 4.57 too
-    assert shipped["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in shipped
+    assert shipped["tokenizer_class"] != "TokenizersBackend"
+    assert not isinstance(shipped.get("extra_special_tokens"), list)
     text = "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>What is two plus three?<|im_end|>"
     assert processor3.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
     assert len(read_manifest(train3)) == 2 and len(read_manifest(eval3)) == 4
