@@ -368,8 +368,8 @@ def make_judge(args: Args, lalm: LALM):
 def rewards_for(judges, completions: list[str], refs: list, answers: list, mode: str, rows=None) -> torch.Tensor:
     """Eq. 8: r_i = J(y_i, y_hat) in {0, 1}. mode answer: J(y_i, ground truth); both: the two must agree.
 
-    Rows without a ground-truth answer fall back to y_hat. With the rule judge and the manifest `rows`, the ground
-    truth is judged as evaluation judges it (judge.score_row: letters, option texts, numbers).
+    Rows without a ground-truth answer fall back to y_hat. With the rule judge and the manifest `rows`, answers are
+    read as evaluation reads them (judge.score_row, judge.judge_pairs: letters, option texts, numbers).
     """
     judge_text, judge_gt = judges
     if mode == "answer" and None in answers:
@@ -381,11 +381,11 @@ def rewards_for(judges, completions: list[str], refs: list, answers: list, mode:
         return judge_gt([completions[i]], [str(answers[i])])[0]
 
     if mode == "text":
-        r = judge_text(completions, refs)  # J(y_i, y_hat)
+        r = judge_lib.judge_pairs(judge_text, completions, refs, rows)  # J(y_i, y_hat)
     elif mode == "answer":
         r = [right(i) for i in range(len(completions))]
     else:  # both: y_hat and the ground truth must agree; y_hat alone where a row has no answer
-        r_text = judge_text(completions, refs)
+        r_text = judge_lib.judge_pairs(judge_text, completions, refs, rows)
         r = [t if answers[i] is None else min(right(i), t) for i, t in enumerate(r_text)]
     return torch.tensor(r, dtype=torch.float32)  # (B*G,)
 

@@ -405,6 +405,26 @@ def score_row(completion, row):
     return bool(restated) and _same(restated, reference)
 
 
+def judge_pairs(judge, preds, refs, rows=None):
+    """J(y_i, y_hat_i) for each pair (Eq. 8 with the model's own text answer as reference). With the rule judge and
+    the manifest rows, a multiple-choice row's pair agrees when both pick the same option (pick_option: 'C, Pavlov'
+    and 'The answer is C.' agree; no pick agrees with nothing); other rows, and other judges, go to `judge`.
+
+    >>> row = {"choices": list("ABCD"), "options": ["Thorndike", "Skinner", "Pavlov", "Watson"]}
+    >>> judge_pairs(RuleJudge(), ["The answer is C, Pavlov.", "B", "Pavlov"], ["C.", "C.", "(C)"], [row] * 3)
+    [1.0, 0.0, 1.0]
+    """
+    if rows is None or not isinstance(judge, RuleJudge):
+        return judge(preds, refs)
+    out = judge(preds, refs)
+    for i, row in enumerate(rows):
+        if row.get("choices"):
+            letters, options = list(row["choices"]), row.get("options")
+            a, b = pick_option(preds[i], letters, options), pick_option(refs[i], letters, options)
+            out[i] = float(a is not None and a == b)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Model judge: P(yes) vs P(no) from the next-token logits
 # ---------------------------------------------------------------------------

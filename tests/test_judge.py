@@ -430,3 +430,24 @@ REALISTIC = [
 def test_score_row_agrees_with_a_careful_reader_on_realistic_completions():
     disagree = [(c, r["answer"]) for c, r, want in REALISTIC if score_row(c, r) is not want]
     assert len(REALISTIC) == 50 and len(disagree) <= 1, disagree  # >= 98 %
+
+
+def test_text_reference_reward_reads_multiple_choice_rows_as_evaluation_does():
+    """--reward_ref text (the default) on a multiple-choice row: r_i = 1 when y_i and y_hat pick the same option,
+    however each names it; the old free-text comparison read 'C, Pavlov' as no letter and gave 0."""
+    import cord
+    from judge import RuleJudge, judge_pairs
+
+    row = {"answer": "C", "choices": list("ABCD"), "options": ["Thorndike", "Skinner", "Pavlov", "Watson"]}
+    completions = ["The answer is C, Pavlov.", "Pavlov", "B, Skinner.", "A or C", "I cannot hear the audio."]
+    refs = ["C."] * 5  # y_hat picks C
+    expected = [1.0, 1.0, 0.0, 0.0, 0.0]  # C named by letter; C by its words; another option; a hedge; no pick
+    assert RuleJudge()(completions[:1], refs[:1]) == [0.0]  # what the free-text comparison said
+    assert judge_pairs(RuleJudge(), completions, refs, [row] * 5) == expected
+    judges = (RuleJudge(), RuleJudge(ground_truth=True))
+    r = cord.rewards_for(judges, completions, refs, ["C"] * 5, "text", [row] * 5)
+    assert r.tolist() == expected
+    r_both = cord.rewards_for(judges, completions, refs, ["C"] * 5, "both", [row] * 5)
+    assert r_both.tolist() == expected  # ground truth C agrees with y_hat here
+    math_row = {"answer": "18"}
+    assert judge_pairs(RuleJudge(), ["It is $18."], ["18"], [math_row]) == RuleJudge()(["It is $18."], ["18"])
