@@ -649,8 +649,12 @@ def test_datagen_gsm8k_keeps_every_problem_voicing_long_ones_faster(tmp_path, mo
     assert all(r["source"] == "gsm8k:test.jsonl" and r["duration"] <= 7 and "instruction" not in r for r in rows)
     assert "3 of 4 problems; voiced faster to fit 7 s: x1.5: 1" in out
     assert "left out: test-000004 (no clip under 7 s even at x2)" in out
+    spoken = []
+    monkeypatch.setattr(data_gen, "synthesize", lambda text, *a, **k: spoken.append(text) or _fake_tts(text, *a, **k))
     data_gen_main(argv)                                                               # a rerun re-voices nothing
-    assert "(0 new, 3 kept)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(0 new, 3 kept)" in out and "re-voicing" not in out
+    assert not [t for t in spoken if t.startswith(("Tom", "Ann", "Sam"))]  # the fitted one is not voiced again
 
 
 def test_datagen_gsm8k_real_file_shape(tmp_path, capsys):
