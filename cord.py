@@ -36,9 +36,9 @@ Departures from the paper (each switchable unless noted):
     prompt) and `fkl` (off-policy forward KL along the text-conditioned trajectory).
 10. Under torchrun, gradients are averaged with all_reduce after backward rather than by a DDP
     wrapper (train_step calls the model's submodules directly; DDP's hooks need its forward).
-11. Training computes Eq. 2 and log pi(y_t) with cordkit/chunked.py (`head_terms`, `kl`): in bounded memory,
-    the same values and gradients as the reference functions below (`--chunk_size 0`: in one piece); on CUDA the
-    rollouts run over a static KV cache, one CUDA graph per token, same semantics (`--compile_rollout off`: eager).
+11. Training computes Eq. 2 and log pi(y_t) with cordkit/chunked.py (`head_terms`, `kl`): bounded memory, the
+    reference functions' values and gradients (`--chunk_size 0`: one piece). On CUDA, rollouts use a static KV cache
+    and CUDA graphs (`--compile_rollout off`: eager) and LoRA merged into a weight copy (`--merge_lora off`: adapters).
 The CPU demo (no --model) changes a few settings for a 1.5 M-parameter model: demo/run.py says which.
 """
 from __future__ import annotations
